@@ -1,0 +1,105 @@
+"""The iteration driver shared by every iterative attack.
+
+An iterative attack supplies a *per-example* step ``step_fn(logits_fn, cfg, state) -> state``.
+``state`` is a pytree (usually a NamedTuple) whose leaves are per-example; it must have a bool
+field ``active`` (False once the example is finished, e.g. on early stopping) and an int32 field
+``iteration``. ``cfg`` holds the static, hashable settings (a NamedTuple of Python scalars and
+strings); per-example hyperparameters live in ``state``.
+
+The driver vmaps the step over the batch, freezes finished examples, counts iterations, and runs
+the loop either
+
+- ``"fused"``: one jitted ``lax.while_loop``, stopping when every example is done; or
+- ``"host"``: a Python loop over the jitted step, with early exit and a progress callback.
+
+``"auto"`` picks host on CPU and fused elsewhere. On CPU the host loop measured faster; see
+``benchmarks/loop_modes.py`` and ``docs/results/benchmarks.md`` for the measurement.
+
+Jitted functions are cached on ``(step_fn, logits_fn, cfg)`` and the state's shapes, so a second
+batch of the same shape never retraces. Pass the *same* ``logits_fn`` object to reuse compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+LOOP_MODES = ("auto", "host", "fused")
+
+StepFn = Callable[[Callable, Any, Any], Any]
+ProgressFn = Callable[[int, Any], None]
+
+
+def _freeze_done(new, old):
+  """Keeps finished examples unchanged and counts an iteration for the active ones."""
+  keep = old.active
+
+  def select(n, o):
+    mask = keep.reshape(keep.shape + (1,) * (n.ndim - keep.ndim))
+    return jnp.where(mask, n, o)
+
+  merged = jax.tree.map(select, new, old)
+  return merged._replace(iteration=old.iteration + keep.astype(old.iteration.dtype))
+
+
+def _batched_step(step_fn: StepFn, logits_fn, cfg, state):
+  new = jax.vmap(functools.partial(step_fn, logits_fn, cfg))(state)
+  return _freeze_done(new, state)
+
+
+_jit_step = jax.jit(_batched_step, static_argnums=(0, 1, 2), donate_argnums=())
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _fused(step_fn: StepFn, logits_fn, cfg, state, num_steps):
+  def cond(carry):
+    i, s = carry
+    return (i < num_steps) & jnp.any(s.active)
+
+  def body(carry):
+    i, s = carry
+    return i + 1, _batched_step(step_fn, logits_fn, cfg, s)
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(0), state))[1]
+
+
+def resolve_loop(loop: str) -> str:
+  """Maps ``"auto"`` to the faster mode for the default backend."""
+  if loop not in LOOP_MODES:
+    raise ValueError(f"Unknown loop mode {loop!r}. Valid choices: {', '.join(LOOP_MODES)}.")
+  if loop == "auto":
+    return "host" if jax.default_backend() == "cpu" else "fused"
+  return loop
+
+
+def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "auto",
+        progress: ProgressFn | None = None, check_every: int = 1):
+  """Runs ``num_steps`` steps of ``step_fn`` on a batch ``state`` (see the module docstring).
+
+  Args:
+    step_fn: the per-example step, a module-level function (it is part of the jit cache key).
+    logits_fn: the model; hashed by identity.
+    cfg: static, hashable settings passed to ``step_fn``.
+    state: the batched state, with per-example ``active`` and ``iteration`` fields.
+    num_steps: the maximum number of steps.
+    loop: ``"auto"``, ``"host"`` or ``"fused"``.
+    progress: optional ``progress(step, state)`` callback, called after each host step.
+    check_every: in host mode, test for early exit every this many steps (each test syncs).
+
+  Returns:
+    The final batched state.
+  """
+  mode = resolve_loop(loop)
+  if mode == "fused":
+    return _fused(step_fn, logits_fn, cfg, state, jnp.int32(num_steps))
+  for i in range(num_steps):
+    state = _jit_step(step_fn, logits_fn, cfg, state)
+    if progress is not None:
+      progress(i + 1, state)
+    if (i + 1) % check_every == 0 and not bool(jnp.any(state.active)):
+      break
+  return state

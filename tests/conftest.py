@@ -1,0 +1,63 @@
+"""Locations of the shared (read-only) test data.
+
+Plain functions, importable with ``from conftest import tfds_data_dir``, and the same names as
+pytest fixtures. Each returns None when the data is absent; tests then ``pytest.skip`` with a
+reason.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def repo_root() -> Path:
+  """The repository root (the parent of ``tests/``)."""
+  return Path(__file__).resolve().parent.parent
+
+
+def shared_root() -> Path | None:
+  """``<repo>/../shared`` if it exists, else None."""
+  path = repo_root().parent / "shared"
+  return path if path.is_dir() else None
+
+
+def tfds_data_dir() -> str | None:
+  """The tfds data dir: ``$TFDS_DATA_DIR`` if set, else ``<shared>/tensorflow_datasets``."""
+  env = os.environ.get("TFDS_DATA_DIR")
+  if env:
+    return env if Path(env).is_dir() else None
+  shared = shared_root()
+  if shared is not None and (shared / "tensorflow_datasets").is_dir():
+    return str(shared / "tensorflow_datasets")
+  return None
+
+
+def deepsec_weights(name: str) -> Path | None:
+  """``<shared>/weights/deepsec/<name>`` (e.g. ``'MNIST_raw.pt'``) if it exists, else None."""
+  shared = shared_root()
+  path = None if shared is None else shared / "weights" / "deepsec" / name
+  return path if path is not None and path.is_file() else None
+
+
+@pytest.fixture(name="repo_root")
+def _repo_root_fixture() -> Path:
+  return repo_root()
+
+
+@pytest.fixture(name="shared_root")
+def _shared_root_fixture() -> Path | None:
+  return shared_root()
+
+
+@pytest.fixture(name="tfds_data_dir")
+def _tfds_data_dir_fixture() -> str | None:
+  return tfds_data_dir()
+
+
+@pytest.fixture(name="deepsec_weights")
+def _deepsec_weights_fixture():
+  """The :func:`deepsec_weights` function itself: ``deepsec_weights('MNIST_raw.pt')``."""
+  return deepsec_weights

@@ -1,0 +1,1 @@
+"""Torch-free reader for the DEEPSEC raw-model weight files (MIT licence; see README.md)."""
