@@ -7,11 +7,17 @@ overridden, e.g. ``--config.train.num_epochs=2``. Intentionally kept short: the 
 ``advtrace._src.quickstart.run`` does the work.
 """
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+import os
+import sys
 
-from advtrace._src import quickstart
+# Lets the binary run from a source checkout without installing.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from advtrace._src import quickstart  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_dict(
     "config", quickstart.default_config(), "Quickstart settings.", lock_config=True)

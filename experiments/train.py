@@ -1,4 +1,4 @@
-"""Trains a model and evaluates its best checkpoint.
+r"""Trains a model and evaluates its best checkpoint.
 
   python experiments/train.py --config=experiments/configs/train_digits_small_cnn.py \
       --workdir=/tmp/train_digits_small_cnn
@@ -7,11 +7,17 @@ Rerunning with the same ``--workdir`` resumes from the latest checkpoint. This f
 intentionally kept short: :func:`advtrace.training.train_and_evaluate` does the work.
 """
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+import os
+import sys
 
-from advtrace import training
+# Lets the binary run from a source checkout without installing.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from advtrace import training  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Training config file (experiments/configs/train_*.py).", lock_config=True)

@@ -367,6 +367,7 @@ def test_mnist_accuracy_matches_numpy(tmp_path):
   assert abs(results["accuracy"] - ref_accuracy) <= 0.01
   assert results["accuracy"] > 99.0
   logits = np.load(tmp_path / "logits.npy")
+  print(f"MNIST max |Flax - NumPy| logit difference: {np.abs(logits - ref).max():.3g}")
   assert np.abs(logits - ref).max() < 1e-3
 
 

@@ -111,8 +111,9 @@ def test_eval_uses_running_batchnorm_statistics():
   assert np.abs(np.asarray(mean)).max() > 0  # Running stats were updated by the train steps.
 
   # Eval mode: each row's logits do not depend on the rest of the batch.
-  full = model.apply(variables, x, train=False)
-  alone = jnp.concatenate([model.apply(variables, x[i:i + 1], train=False) for i in range(5)])
+  apply = jax.jit(lambda v, x: model.apply(v, x, train=False))
+  full = apply(variables, x)
+  alone = jnp.concatenate([apply(variables, x[i:i + 1]) for i in range(5)])
   np.testing.assert_allclose(full[:5], alone, rtol=1e-5, atol=1e-5)
   batch_mode, _ = model.apply(variables, x, train=True, mutable=["batch_stats"],
                               rngs={"dropout": jax.random.key(0)})

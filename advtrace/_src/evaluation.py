@@ -32,6 +32,14 @@ def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
     raise
 
 
+def _check_deepsec_input(model: str, input_shape: tuple[int, ...], dataset: str) -> None:
+  expected = deepsec_weights.INPUT_SHAPES.get(model)
+  if expected is not None and tuple(expected[1:]) != tuple(input_shape[1:]):
+    size = lambda shape: "x".join(map(str, shape[1:]))
+    raise ValueError(f"{model} takes {size(expected)} images (HxWxC), but {dataset} has "
+                     f"{size(input_shape)} images.")
+
+
 def _markdown(results: dict[str, Any]) -> str:
   weights_name = os.path.basename(results["weights"]) if results["weights"] else "(random init)"
   return (
@@ -102,13 +110,15 @@ def evaluate(
   num_classes = ds.num_classes
   sha256 = None
   if weights is None:
-    logging.warning("No weights given: evaluating a randomly initialised %s (seed %d).",
-                    model, seed)
+    _check_deepsec_input(model, input_shape, ds.name)
     net = registry.get_model(model, num_classes=num_classes)
     weights_lib.variable_shapes(net, input_shape)  # A clear error for unsuitable inputs.
+    logging.warning("No weights given: evaluating a randomly initialised %s (seed %d).",
+                    model, seed)
     variables = registry.init_variables(net, jax.random.key(seed), input_shape)
   else:
     model, variables = weights_lib.load_weights(weights, model)
+    _check_deepsec_input(model, input_shape, ds.name)
     if os.path.isdir(weights):
       metadata = weights_lib.checkpoint_metadata(weights)
       model_kwargs = dict(metadata.get("model_kwargs") or {})

@@ -633,7 +633,12 @@ def fit(
   best = _manager(root / "best", keep=1)
   state = create_train_state(model, tx, jax.random.key(config.seed), x_train.shape[1:])
   progress = {"epoch": 0, "best_epoch": None, "best_val_accuracy": None, "history": []}
-  restored = _restore_latest(latest, state)
+  try:
+    restored = _restore_latest(latest, state)
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(
+        f"The checkpoint in {str(latest.directory)!r} does not match this config (model or "
+        f"optimizer changed?): {e}. Use a fresh --workdir.") from e
   if restored is not None:
     state, progress = restored
     logging.info("Resuming from %s at epoch %d.", latest.directory, progress["epoch"])

@@ -1,0 +1,188 @@
+"""Shared pieces of the benchmark scripts: victim model, data, timing, machine info, outputs.
+
+Timing follows ``shared/notes/conventions.md`` section 2.10: the first batch (compile plus
+warm-up) is timed on its own and excluded from the steady-state throughput; every batch has the
+same padded shape, so nothing retraces after the first; peers run in the same process on the
+same weights and data.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from advtrace import data as adv_data
+from advtrace import models as adv_models
+from advtrace._src import batching
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_MD = REPO_ROOT / "docs" / "results" / "benchmarks.md"
+
+
+def default_weights() -> str:
+  return str(REPO_ROOT.parent / "shared" / "weights" / "deepsec" / "MNIST_raw.pt")
+
+
+def default_data_dir() -> str:
+  return os.environ.get("TFDS_DATA_DIR") or str(REPO_ROOT.parent / "shared" / "tensorflow_datasets")
+
+
+def load_victim(weights: str) -> adv_models.LogitsFn:
+  """The DEEPSEC MNIST CNN with the released weights, as an advtrace ``logits_fn``."""
+  name, variables = adv_models.load_deepsec(weights)
+  if name != "deepsec_mnist":
+    raise ValueError(f"{weights} holds {name} weights; these benchmarks need MNIST_raw.pt.")
+  return adv_models.logits_fn(adv_models.get_model(name), variables)
+
+
+def first_correct(logits_fn, data_dir: str, number: int, batch_size: int = 500):
+  """The first ``number`` MNIST test images (in tfds order) the model classifies correctly."""
+  ds = adv_data.load("mnist", "test", data_dir)
+  logits = batching.map_batched(jax.jit(logits_fn), ds.images, batch_size)
+  correct = np.flatnonzero(np.argmax(logits, axis=-1) == ds.labels)
+  if number > len(correct):
+    raise ValueError(f"asked for {number} images, only {len(correct)} are classified correctly")
+  idx = correct[:number]
+  return ds.images[idx], ds.labels[idx].astype(np.int32), float(len(correct) / len(ds.labels))
+
+
+def make_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> list[batching.Batch]:
+  """Fixed-shape batches (the last padded with repeats of a real row); at least two of them."""
+  batches = list(batching.padded_batches(x, y, batch_size))
+  if len(batches) < 2:
+    raise ValueError(f"need at least 2 batches to separate compile time from throughput; got "
+                     f"{len(x)} images with batch_size {batch_size}: lower --batch_size or raise "
+                     "--num_images.")
+  return batches
+
+
+class Timing(NamedTuple):
+  """Wall-clock of one framework on one attack."""
+  first_batch_s: float  # compile (JAX) or warm-up (torch) plus one batch
+  steady_s: float  # median over repeats of the time for batches 2..n
+  steady_all_s: list[float]  # every repeat
+  steady_images: int  # real (unpadded) images in batches 2..n
+  images_per_s: float
+  compile_s: float  # first_batch_s minus one steady-state batch
+
+  def as_dict(self) -> dict[str, Any]:
+    return self._asdict()
+
+
+def time_batches(run_batch: Callable[[batching.Batch], Any], batches: Sequence[batching.Batch],
+                 repeats: int = 1) -> tuple[Timing, list[Any]]:
+  """Times ``run_batch`` (which must return synced, host-side results) over ``batches``.
+
+  Returns the timing and the per-batch results of the first pass.
+  """
+  t0 = time.perf_counter()
+  outs = [run_batch(batches[0])]
+  first = time.perf_counter() - t0
+  steady_all = []
+  for r in range(repeats):
+    t0 = time.perf_counter()
+    for b in batches[1:]:
+      out = run_batch(b)
+      if r == 0:
+        outs.append(out)
+    steady_all.append(time.perf_counter() - t0)
+  steady = statistics.median(steady_all)
+  images = int(sum(int(b.mask.sum()) for b in batches[1:]))
+  per_batch = steady / (len(batches) - 1)
+  timing = Timing(first, steady, steady_all, images, images / steady, max(first - per_batch, 0.0))
+  return timing, outs
+
+
+def machine_info() -> dict[str, Any]:
+  """CPU model, visible cores, load average and library versions, for the results table."""
+  cpu = platform.processor() or "unknown"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  try:
+    usable = len(os.sched_getaffinity(0))
+  except AttributeError:
+    usable = os.cpu_count()
+  info = {
+      "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+      "cpu": cpu,
+      "cores_usable": usable,
+      "cores_total": os.cpu_count(),
+      "loadavg_1_5_15": [round(v, 2) for v in os.getloadavg()],
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jax_backend": jax.default_backend(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  return info
+
+
+def command_line() -> str:
+  return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
+
+
+def _atomic_write(path: Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  _atomic_write(Path(path), text.rstrip("\n") + "\n")
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  _atomic_write(Path(path), json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def append_markdown(path: str | os.PathLike, section: str) -> None:
+  """Appends ``section`` to the Markdown file at ``path`` (atomic rewrite)."""
+  path = Path(path)
+  old = path.read_text() if path.exists() else "# Benchmarks\n"
+  _atomic_write(path, old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  def fmt(v):
+    if isinstance(v, float):
+      return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def machine_lines(info: dict[str, Any], label: str) -> str:
+  return (f"- Label: **{label}**\n"
+          f"- Date: {info['date']}\n"
+          f"- Machine: {info['cpu']}, {info['cores_usable']} usable of {info['cores_total']} "
+          f"cores, load average {info['loadavg_1_5_15']} at start\n"
+          f"- Software: Python {info['python']}, jax {info['jax']} ({info['jax_backend']})"
+          + (f", torch {info['torch']}, torchattacks {info['torchattacks']}"
+             if "torch" in info else "")
+          + (f", XLA_FLAGS={info['xla_flags']!r}" if info["xla_flags"] else ""))

@@ -1,0 +1,142 @@
+"""Optional parity with PyTorch: DEEPSEC's own model definitions, loaded with ``torch.load``.
+
+Skipped unless torch is importable (``pip install torch==2.13.0``) and the DEEPSEC weights are
+in ``../shared/weights/deepsec``. torch is used only here, never by the library.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import deepsec_weights, repo_root
+
+from advtrace._src.models import deepsec_weights as dw
+from advtrace._src.models import registry
+
+torch = pytest.importorskip("torch", reason="torch is not installed (optional cross-check)")
+nn = torch.nn
+F = torch.nn.functional
+
+MNIST_PT = deepsec_weights("MNIST_raw.pt")
+CIFAR_PT = deepsec_weights("CIFAR10_raw.pt")
+
+
+class MNISTConvNet(nn.Module):
+  """RawModels/MNISTConv.py (DEEPSEC), written from shared/notes/deepsec.md section 1.1."""
+
+  def __init__(self):
+    super().__init__()
+    self.conv32 = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),
+                                nn.MaxPool2d(2))
+    self.conv64 = nn.Sequential(nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(),
+                                nn.MaxPool2d(2))
+    self.fc1 = nn.Linear(4 * 4 * 64, 200)
+    self.dropout = nn.Dropout(p=0.5)
+    self.fc2 = nn.Linear(200, 200)
+    self.fc3 = nn.Linear(200, 10)
+
+  def forward(self, x):
+    # DEEPSEC uses .view; .reshape flattens in the same (C, H, W) order and also accepts the
+    # non-contiguous float64 activations of the reference run.
+    out = self.conv64(self.conv32(x)).reshape(-1, 4 * 4 * 64)
+    out = self.dropout(F.relu(self.fc1(out)))
+    out = self.fc3(F.relu(self.fc2(out)))
+    return out - torch.max(out, dim=1, keepdim=True)[0]
+
+
+class BasicBlock(nn.Module):
+
+  def __init__(self, inplanes, planes, stride=1, downsample=None):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.downsample = downsample
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    residual = x if self.downsample is None else self.downsample(x)
+    return F.relu(out + residual)
+
+
+class ResNetCifar(nn.Module):
+  """RawModels/ResNet.py ``resnet20_cifar`` (DEEPSEC), from shared/notes/deepsec.md 1.2."""
+
+  def __init__(self):
+    super().__init__()
+    self.inplanes = 16
+    self.conv1 = nn.Conv2d(3, 16, 3, 1, 1, bias=True)
+    self.bn1 = nn.BatchNorm2d(16)
+    self.layer1 = self._make_layer(16, 1)
+    self.layer2 = self._make_layer(32, 2)
+    self.layer3 = self._make_layer(64, 2)
+    self.fc = nn.Linear(64, 10)
+
+  def _make_layer(self, planes, stride):
+    downsample = None
+    if stride != 1 or self.inplanes != planes:
+      downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=True),
+                                 nn.BatchNorm2d(planes))
+    layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+    self.inplanes = planes
+    layers += [BasicBlock(planes, planes) for _ in range(2)]
+    return nn.Sequential(*layers)
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = self.layer3(self.layer2(self.layer1(x)))
+    x = self.fc(x.mean(dim=(2, 3)))
+    return x - torch.max(x, dim=1, keepdim=True)[0]
+
+
+CASES = {
+    "mnist": (MNISTConvNet, MNIST_PT, (16, 28, 28, 1)),
+    "cifar": (ResNetCifar, CIFAR_PT, (8, 32, 32, 3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_flax_and_evaluate_match_torch(tmp_path, case):
+  torch_cls, path, shape = CASES[case]
+  if path is None:
+    pytest.skip(f"DEEPSEC weights for {case} are absent from ../shared/weights/deepsec")
+  net = torch_cls()
+  net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+  net.eval()
+
+  rng = np.random.RandomState(7)
+  x = rng.rand(*shape).astype(np.float32)
+  y = rng.randint(0, 10, size=shape[0])
+  npz = tmp_path / "inputs.npz"
+  np.savez(npz, x=x, y=y, num_classes=10)
+  # The reference runs in float64: torch's own float32 result is further from it (about 1.5e-4
+  # on the ResNet, whose logits reach ~27) than the Flax float32 logits are (about 3e-5).
+  x_nchw = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  with torch.no_grad():
+    expected = net.double()(x_nchw.double()).numpy()
+    torch32 = net.float()(x_nchw).numpy()
+  assert np.abs(torch32 - expected).max() < 1e-3
+
+  name, variables = dw.load_deepsec(path)
+  flax_logits = np.asarray(registry.logits_fn(registry.get_model(name), variables)(x))
+  diff = np.abs(flax_logits - expected).max()
+  print(f"{case}: max |logit difference| Flax vs torch float64 {diff:.3g}, torch float32 vs "
+        f"float64 {np.abs(torch32 - expected).max():.3g}, Flax vs torch float32 "
+        f"{np.abs(flax_logits - torch32).max():.3g}")
+  assert diff < 1e-4
+  assert np.ptp(expected, axis=1).min() > 1.0  # Non-degenerate logits.
+
+  workdir = tmp_path / "eval"
+  cmd = [sys.executable, str(repo_root() / "experiments" / "evaluate.py"), f"--weights={path}",
+         f"--dataset={npz}", "--batch_size=5", "--dump_logits", f"--workdir={workdir}"]
+  proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  dumped = np.load(workdir / "logits.npy")
+  assert np.abs(dumped - expected).max() < 1e-4
