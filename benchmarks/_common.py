@@ -16,11 +16,14 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from advtrace import data as adv_data
@@ -130,6 +133,7 @@ def machine_info() -> dict[str, Any]:
       "jax": jax.__version__,
       "jax_backend": jax.default_backend(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
   }
   return info
 
@@ -185,4 +189,104 @@ def machine_lines(info: dict[str, Any], label: str) -> str:
           f"- Software: Python {info['python']}, jax {info['jax']} ({info['jax_backend']})"
           + (f", torch {info['torch']}, torchattacks {info['torchattacks']}"
              if "torch" in info else "")
-          + (f", XLA_FLAGS={info['xla_flags']!r}" if info["xla_flags"] else ""))
+          + (f", XLA_FLAGS={info['xla_flags']!r}" if info["xla_flags"] else "")
+          + (f", OMP_WAIT_POLICY={info['omp_wait_policy']}" if info["omp_wait_policy"] else ""))
+
+
+# ---------------------------------------------------------------------------------------------
+# What-if variants of the DEEPSEC MNIST CNN, for the speed investigation only. Same weights and
+# the same function as ``advtrace.models`` (checked by ``check_variant``); they differ only in
+# how XLA:CPU gets to run the gradient.
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_valid(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "VALID", dimension_numbers=_DN)
+
+
+@jax.custom_vjp
+def _conv_valid_explicit_vjp(x, w):
+  return _conv_valid(x, w)
+
+
+def _conv_fwd(x, w):
+  return _conv_valid(x, w), (x, w)
+
+
+def _conv_bwd(res, g):
+  # The input gradient as a plain HWIO convolution with an explicitly flipped and transposed
+  # kernel. JAX's own transpose rule swaps the kernel's feature dims instead (dim_labels
+  # 01oi), which XLA:CPU runs on a slow path inside a while loop (see benchmarks/README.md).
+  x, w = res
+  kh, kw = w.shape[0] - 1, w.shape[1] - 1
+  w_t = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+  gx = jax.lax.conv_general_dilated(g, w_t, (1, 1), ((kh, kh), (kw, kw)), dimension_numbers=_DN)
+  gw = jax.vjp(lambda w: _conv_valid(x, w), w)[1](g)[0]
+  return gx, gw
+
+
+_conv_valid_explicit_vjp.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _pool_reduce_window(h):
+  return jax.lax.reduce_window(h, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
+
+
+def _pool_reshape(h):
+  # Non-overlapping 2x2 windows on even sizes as a reshape: the gradient is a one-hot select
+  # instead of reduce_window's index-tracking VJP. The one-hot is the first maximum in row-major
+  # window order, as in PyTorch and reduce_window; a plain ``max`` would split the gradient over
+  # ties, which are common here (uniform MNIST background gives equal post-ReLU values).
+  n, hh, ww, c = h.shape
+  win = h.reshape(n, hh // 2, 2, ww // 2, 2, c).transpose(0, 1, 3, 5, 2, 4)
+  win = win.reshape(n, hh // 2, ww // 2, c, 4)
+  first_max = jax.nn.one_hot(jnp.argmax(jax.lax.stop_gradient(win), axis=-1), 4, dtype=h.dtype)
+  return jnp.sum(win * first_max, axis=-1)
+
+
+MODEL_VARIANTS = ("flax", "lax", "lax_reshape_pool", "lax_explicit_conv_vjp",
+                  "lax_reshape_pool_explicit_conv_vjp")
+
+
+def model_variant(weights: str, variant: str) -> adv_models.LogitsFn:
+  """The DEEPSEC MNIST CNN as shipped (``flax``) or as a pure-lax what-if variant."""
+  if variant == "flax":
+    return load_victim(weights)
+  if variant not in MODEL_VARIANTS:
+    raise ValueError(f"unknown model variant {variant!r}; valid: {', '.join(MODEL_VARIANTS)}")
+  _, variables = adv_models.load_deepsec(weights)
+  p = jax.tree.map(jnp.asarray, variables["params"])
+  conv = _conv_valid_explicit_vjp if "explicit_conv_vjp" in variant else _conv_valid
+  pool = _pool_reshape if "reshape_pool" in variant else _pool_reduce_window
+
+  def logits_fn(x):
+    h = x
+    for block in ("conv32", "conv64"):
+      for layer in ("conv_0", "conv_2"):
+        h = jax.nn.relu(conv(h, p[block][layer]["kernel"]) + p[block][layer]["bias"])
+      h = pool(h)
+    h = jnp.transpose(h, (0, 3, 1, 2)).reshape(h.shape[0], -1)  # NCHW flatten, as DEEPSEC
+    h = jax.nn.relu(h @ p["fc1"]["kernel"] + p["fc1"]["bias"])
+    h = jax.nn.relu(h @ p["fc2"]["kernel"] + p["fc2"]["bias"])
+    z = h @ p["fc3"]["kernel"] + p["fc3"]["bias"]
+    return z - jnp.max(z, axis=-1, keepdims=True)
+
+  return logits_fn
+
+
+def check_variant(logits_fn, reference, x: np.ndarray, atol: float = 1e-4) -> float:
+  """Max abs difference of logits and CE input-gradients between a variant and the reference."""
+  import optax  # pylint: disable=g-import-not-at-top
+
+  y = jnp.zeros((x.shape[0],), jnp.int32)
+
+  def grad(f):
+    return jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(f(x), y).sum())
+
+  x = jnp.asarray(x)
+  diff = max(float(jnp.abs(jax.jit(logits_fn)(x) - jax.jit(reference)(x)).max()),
+             float(jnp.abs(jax.jit(grad(logits_fn))(x) - jax.jit(grad(reference))(x)).max()))
+  if diff > atol:
+    raise AssertionError(f"model variant differs from advtrace's model by {diff} > {atol}")
+  return diff

@@ -32,7 +32,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from absl import app, flags, logging
+from absl import app
+from absl import flags
+from absl import logging
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,6 +63,9 @@ _REPEATS = flags.DEFINE_integer("repeats", 1, "Steady-state passes per attack (m
 _LOOP_MODE = flags.DEFINE_enum("loop_mode", "auto", ["auto", "host", "fused"],
                                "advtrace loop driver.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for both libraries' random starts.")
+_MODEL = flags.DEFINE_enum("model_variant", "flax", list(_common.MODEL_VARIANTS),
+                           "advtrace's victim as shipped (flax) or a what-if lax variant with the "
+                           "same weights and outputs (speed investigation only).")
 _LABEL = flags.DEFINE_string("label", "full run", "Label of the results section.")
 _RESULTS_MD = flags.DEFINE_string("results_md", str(_common.RESULTS_MD),
                                   "Markdown file the table is appended to ('' to skip).")
@@ -216,21 +221,52 @@ def run_attack(name: str, logits_fn, torch_model, counting, batches, keys) -> di
 # The per-step primitive: fwd+bwd of the CE loss w.r.t. the input batch.
 
 
+YNN_DOTS_ONLY = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+
+def _compiled(fn, args, options=None):
+  """``fn`` jitted and compiled for ``args`` (with XLA debug ``options``), or None if refused."""
+  lowered = jax.jit(fn).lower(*args)
+  try:
+    return lowered.compile(compiler_options=options) if options else lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except  (an option this XLA does not know)
+    logging.warning("compile with %s failed: %s", options, e)
+    return None
+
+
 def grad_microbench(logits_fn, torch_model, batch) -> dict[str, Any]:
-  """Median time of one input gradient of the summed CE loss on one batch, three ways."""
+  """Median time of one input gradient of the summed CE loss on one batch, several ways.
+
+  The ``lax_reshape_pool`` rows use a pure-lax copy of the same model (same weights, checked)
+  whose max-pool is a reshape and a max; ``ynn dots only`` compiles with YNNPACK restricted to
+  dots (convolutions go to XLA's Eigen path).
+  """
   import torch  # pylint: disable=g-import-not-at-top
 
   xj, yj = jnp.asarray(batch.x), jnp.asarray(batch.y)
 
-  def batched_loss(x, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(x), y).sum()
+  def batched_grad(f):
+    return jax.grad(
+        lambda x, y: optax.softmax_cross_entropy_with_integer_labels(f(x), y).sum())
 
   def single_loss(x, y):  # what the attacks differentiate: one example, vmapped
     return optax.softmax_cross_entropy_with_integer_labels(base.single_logits(logits_fn, x), y)
 
-  jax_batched = jax.jit(jax.grad(batched_loss))
-  jax_vmapped = jax.jit(jax.vmap(jax.grad(single_loss)))
-  jax_fwd = jax.jit(logits_fn)
+  reshape_pool = _common.model_variant(_WEIGHTS.value, "lax_reshape_pool")
+  _common.check_variant(reshape_pool, logits_fn, batch.x)
+  compiled = {
+      "jax grad (as shipped)": _compiled(batched_grad(logits_fn), (xj, yj)),
+      "jax vmap(grad(single)) (as attacks do)": _compiled(jax.vmap(jax.grad(single_loss)),
+                                                          (xj, yj)),
+      "jax grad, ynn dots only": _compiled(batched_grad(logits_fn), (xj, yj), YNN_DOTS_ONLY),
+      "jax grad, reshape pool": _compiled(batched_grad(reshape_pool), (xj, yj)),
+      "jax grad, reshape pool + ynn dots only": _compiled(batched_grad(reshape_pool), (xj, yj),
+                                                          YNN_DOTS_ONLY),
+  }
+  fwd = _compiled(logits_fn, (xj,))
+  fns = {k: functools.partial(lambda c: c(xj, yj).block_until_ready(), c)
+         for k, c in compiled.items() if c is not None}
+  fns["jax forward (as shipped)"] = lambda: fwd(xj).block_until_ready()
   xt = torch.from_numpy(np.ascontiguousarray(batch.x.transpose(0, 3, 1, 2)))
   yt = torch.from_numpy(batch.y.astype(np.int64))
   ce = torch.nn.CrossEntropyLoss(reduction="sum")
@@ -243,26 +279,21 @@ def grad_microbench(logits_fn, torch_model, batch) -> dict[str, Any]:
     with torch.no_grad():
       return torch_model(xt)
 
-  fns = {
-      "jax_grad_batched": lambda: jax_batched(xj, yj).block_until_ready(),
-      "jax_grad_vmap_single": lambda: jax_vmapped(xj, yj).block_until_ready(),
-      "torch_autograd": torch_grad,
-      "jax_forward": lambda: jax_fwd(xj).block_until_ready(),
-      "torch_forward": torch_fwd,
-  }
-  out = {}
+  fns["torch autograd"] = torch_grad
+  fns["torch forward"] = torch_fwd
+  first = {}
   for name, fn in fns.items():
     t0 = time.perf_counter()
     fn()
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(_GRAD_REPEATS.value):
+    first[name] = time.perf_counter() - t0
+  times = {name: [] for name in fns}
+  for _ in range(_GRAD_REPEATS.value):  # interleaved, so load changes hit every variant alike
+    for name, fn in fns.items():
       t0 = time.perf_counter()
       fn()
-      times.append(time.perf_counter() - t0)
-    out[name] = {"first_s": first, "median_ms": 1e3 * statistics.median(times),
-                 "min_ms": 1e3 * min(times)}
-  return out
+      times[name].append(time.perf_counter() - t0)
+  return {name: {"first_s": first[name], "median_ms": 1e3 * statistics.median(t),
+                 "min_ms": 1e3 * min(t)} for name, t in times.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,7 +303,7 @@ def _markdown(info, results, grad, n_images, accuracy) -> str:
   b = _BATCH_SIZE.value
   header = ["Attack", "Settings", "advtrace img/s", "torchattacks img/s", "ratio adv/torch",
             "advtrace compile s", "torch 1st batch s", "ASR adv", "ASR torch",
-            "mean L2 adv", "mean L2 torch", "grads/img adv", "fwd/img torch"]
+            "mean L2 adv", "mean L2 torch", "adv queries/img", "torch fwd/img"]
   rows = []
   for r in results:
     a, t = r["advtrace"], r["torchattacks"]
@@ -281,22 +312,22 @@ def _markdown(info, results, grad, n_images, accuracy) -> str:
                  a["timing"]["compile_s"], t["timing"]["first_batch_s"],
                  f"{a['asr']:.1%}", f"{t['asr']:.1%}", a["mean_l2_success"],
                  t["mean_l2_success"], a["work_per_image"], t["work_per_image"]])
-  pending = _LABEL.value != "full run"
   title = "advtrace vs torchattacks, DEEPSEC MNIST CNN, CPU"
   text = [f"## {title} ({_LABEL.value})", ""]
-  if pending:
-    text += [f"> **{_LABEL.value}: not the benchmark result.** Reduced sizes, possibly on a "
-             "loaded machine; the full run is pending (command in `benchmarks/README.md`).", ""]
+  if not _LABEL.value.startswith("full run"):
+    text += [f"> **{_LABEL.value}: not a full run of advtrace as shipped** (reduced sizes, a "
+             "loaded machine or a what-if variant: see the command).", ""]
   text += [_common.machine_lines(info, _LABEL.value),
            f"- Command: `{_common.command_line()}`",
            f"- Data: first {n_images} correctly classified MNIST test images (clean accuracy "
            f"{accuracy:.2%}), batch size {b} for both, torch threads {_TORCH_THREADS.value}, "
-           f"advtrace loop_mode {_LOOP_MODE.value!r}, {_REPEATS.value} steady-state pass(es) "
+           f"advtrace loop_mode {_LOOP_MODE.value!r}, advtrace model {_MODEL.value!r}, "
+           f"{_REPEATS.value} steady-state pass(es) "
            "(median)",
            "- img/s: steady state over batches 2..n (first batch excluded); compile s = first "
            "batch minus one steady batch; ASR on each library's own model; mean L2 over "
-           "successful images; grads/img = advtrace `info.queries`, fwd/img = rows torchattacks "
-           "sent through the model per image", ""]
+           "successful images; adv queries/img = advtrace `info.queries`; torch fwd/img = rows "
+           "torchattacks sent through the model per image", ""]
   if results:
     text += [_common.markdown_table(header, rows), ""]
   if grad:
@@ -332,12 +363,16 @@ def main(argv):
   if agree < 1.0:
     logging.warning("torch model classifies %.2f%% of the selected images correctly", 100 * agree)
   batches = _common.make_batches(x, y, _BATCH_SIZE.value)
+  shipped = logits_fn
+  if _MODEL.value != "flax":
+    logits_fn = _common.model_variant(_WEIGHTS.value, _MODEL.value)
+    _common.check_variant(logits_fn, shipped, batches[0].x)
   root = jax.random.key(_SEED.value)
   keys = [jax.random.fold_in(root, i) for i in range(len(batches))]
 
   grad = None
   if "grad" in _ATTACKS.value:
-    grad = grad_microbench(logits_fn, torch_model, batches[0])
+    grad = grad_microbench(shipped, torch_model, batches[0])
     logging.info("grad: %s", grad)
   results = []
   for name in ATTACKS[1:]:
@@ -348,6 +383,7 @@ def main(argv):
 
   out = {"machine": info, "command": _common.command_line(), "label": _LABEL.value,
          "num_images": len(x), "batch_size": _BATCH_SIZE.value, "clean_accuracy": accuracy,
+         "model_variant": _MODEL.value,
          "torch_agrees_on_selection": agree, "results": results, "grad_microbench": grad}
   workdir = Path(_WORKDIR.value)
   _common.write_json(workdir / "results.json", out)

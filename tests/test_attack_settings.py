@@ -156,9 +156,9 @@ def test_table7_values_from_deepsec_md():
           m["uap"]["max_outer_iters"]) == (0.02, 10, 20)
   assert m["deepfool"]["overshoot"] == 0.02 and m["deepfool"]["max_iter"] == 50
   assert (m["om"]["initial_const"], m["om"]["learning_rate"], m["om"]["binary_search_steps"],
-          m["om"]["noise_count"], m["om"]["noise_magnitude"], m["om"]["max_iterations"]) == (
+          m["om"]["noise_count"], m["om"]["noise_mag"], m["om"]["max_iterations"]) == (
               0.02, 0.2, 4, 20, 0.3, 10000)
-  assert (c["om"]["initial_const"], c["om"]["learning_rate"], c["om"]["noise_magnitude"]) == (
+  assert (c["om"]["initial_const"], c["om"]["learning_rate"], c["om"]["noise_mag"]) == (
       1.0, 0.02, 0.3)
   assert m["jsma"] == {"theta": 1.0, "gamma": 0.1}
   assert (m["blb"]["binary_search_steps"], m["blb"]["max_iterations"],
@@ -177,8 +177,8 @@ def test_deepsec_code_mismatches():
   m, c = settings_lib.get_table("deepsec_code_mnist"), settings_lib.get_table(
       "deepsec_code_cifar10")
   assert m["uap"]["fool_rate"] == 0.35 and c["uap"]["fool_rate"] == 0.9
-  assert c["om"]["noise_magnitude"] == pytest.approx(0.03137, abs=1e-5)
-  assert m["om"]["noise_magnitude"] == 0.3
+  assert c["om"]["noise_mag"] == pytest.approx(0.03137, abs=1e-5)
+  assert m["om"]["noise_mag"] == 0.3
   assert m["ead"]["binary_search_steps"] == 5 and c["ead"]["binary_search_steps"] == 5
   assert m["deepfool"]["deepsec_extra_step"] and m["uap"]["deepsec_dr"]
   # Where Table VII and the code agree, the tables agree.
@@ -215,8 +215,13 @@ def test_tracing_values_from_tracing_md():
           t["bandits"]["online_lr"], t["bandits"]["image_lr"]) == (1.0, 20, 0.1, 0.1, 0.01)
   assert (t["simba"]["step_size"], t["simba"]["num_iters"]) == (0.1, 3000)
   assert (t["simba_dct"]["freq_dim"], t["simba_dct"]["stride"]) == (4, 1)
-  assert (t["hsj"]["max_iter"], t["hsj"]["max_eval"], t["hsj"]["init_eval"]) == (50, 10000, 100)
-  assert (t["sign_opt"]["alpha"], t["sign_opt"]["beta"], t["sign_opt"]["k"]) == (0.2, 0.001, 200)
+  assert (t["hsj"]["num_iterations"], t["hsj"]["max_num_evals"], t["hsj"]["init_num_evals"],
+          t["hsj"]["init_size"]) == (50, 10000, 100, 100)
+  assert (t["sign_opt"]["alpha"], t["sign_opt"]["beta"], t["sign_opt"]["k"],
+          t["sign_opt"]["num_directions"], t["sign_opt"]["num_iterations"],
+          t["sign_opt"]["max_queries"], t["sign_opt"]["epsilon"]) == (
+              0.2, 0.001, 200, 10, 1500, 10000, 1.0)
+  assert t["nes"]["max_queries"] == 1 + 333 * 31 and t["bandits"]["max_queries"] == 15001
 
 
 def _available_entries():

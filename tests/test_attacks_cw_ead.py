@@ -4,10 +4,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attack_testing import AttackCase, digits_model, linear_model, run_standard_properties
+from attack_testing import AttackCase
+from attack_testing import digits_model
+from attack_testing import linear_model
+from attack_testing import run_standard_properties
 
 from advtrace import attacks
-from advtrace._src.attacks import binary_search, cw, ead
+from advtrace._src.attacks import binary_search
+from advtrace._src.attacks import cw
+from advtrace._src.attacks import ead
 
 TINY = dict(binary_search_steps=3, max_iterations=30, learning_rate=0.1, initial_const=1.0)
 
@@ -36,8 +41,8 @@ def _fast_compiles():
 
 
 def _constant_model(x):
-  """Logits that ignore the input: no attack can succeed."""
-  return jnp.broadcast_to(jnp.arange(10.0), (x.shape[0], 10))
+  """Logits that ignore the input, always class 9: no attack on label 9 can succeed."""
+  return jnp.broadcast_to(jnp.arange(10.0), (x.shape[0], 10)) + 0.0 * jnp.sum(x)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -97,12 +102,12 @@ def test_closed_form_on_linear_model(attack, targeted):
   y = jnp.argmax(z, -1).astype(jnp.int32)
   labels = 1 - y if targeted else y
   expect = jnp.abs(z[:, 0] - z[:, 1]) / jnp.linalg.norm(w[:, 0] - w[:, 1])
-  kw = dict(targeted=targeted, binary_search_steps=12, max_iterations=300, initial_const=1.0,
+  kw = dict(targeted=targeted, binary_search_steps=8, max_iterations=100, initial_const=1.0,
             abort_early=False)
   if attack == "cw":
-    out = cw.cw_l2(logits_fn, x, labels, learning_rate=0.01, **kw)
-  else:
-    out = ead.ead(logits_fn, x, labels, beta=0.0, learning_rate=0.1, **kw)
+    out = cw.cw_l2(logits_fn, x, labels, learning_rate=0.02, **kw)
+  else:  # with beta = 0, EAD is a projected FISTA on the same L2 objective
+    out = ead.ead(logits_fn, x, labels, beta=0.0, learning_rate=0.2, **kw)
   assert bool(jnp.all(out.info.success))
   np.testing.assert_array_less(np.asarray(expect) * (1 - 1e-4), np.asarray(out.info.l2))
   np.testing.assert_allclose(np.asarray(out.info.l2), np.asarray(expect), rtol=0.03)
@@ -110,11 +115,11 @@ def test_closed_form_on_linear_model(attack, targeted):
 
 def test_cw_early_abort_reduces_iterations():
   logits_fn, x, y = digits_model()
-  kw = dict(binary_search_steps=2, max_iterations=200, learning_rate=0.1, initial_const=1.0)
+  kw = dict(binary_search_steps=2, max_iterations=100, learning_rate=0.1, initial_const=1.0)
   full = cw.cw_l2(logits_fn, x[:8], y[:8], abort_early=False, **kw)
   early = cw.cw_l2(logits_fn, x[:8], y[:8], abort_early=True, **kw)
-  assert bool(jnp.all(full.info.iterations == 400))
-  assert bool(jnp.all(early.info.iterations <= 400))
+  assert bool(jnp.all(full.info.iterations == 200))
+  assert bool(jnp.all(early.info.iterations <= 200))
   assert int(jnp.sum(early.info.iterations)) < int(jnp.sum(full.info.iterations))
   np.testing.assert_array_equal(np.asarray(early.info.queries), np.asarray(early.info.iterations))
   assert float(jnp.mean(early.info.success)) >= 0.75
@@ -122,10 +127,12 @@ def test_cw_early_abort_reduces_iterations():
 
 @pytest.mark.parametrize("attack", [cw.cw_l2, ead.ead], ids=["cw", "ead"])
 def test_failure_returns_x(attack):
-  _, x, y = digits_model()
-  out = attack(_constant_model, x[:4], y[:4], binary_search_steps=2, max_iterations=10)
-  assert not bool(jnp.any(out.info.success))
-  np.testing.assert_array_equal(np.asarray(out.x_adv), np.asarray(x[:4]))
+  _, x, _ = digits_model()
+  for targeted, label in ((False, 9), (True, 3)):
+    out = attack(_constant_model, x[:4], jnp.full((4,), label, jnp.int32), targeted=targeted,
+                 binary_search_steps=2, max_iterations=10)
+    assert not bool(jnp.any(out.info.success))
+    np.testing.assert_array_equal(np.asarray(out.x_adv), np.asarray(x[:4]))
 
 
 @pytest.mark.parametrize("attack", [cw.cw_l2, ead.ead], ids=["cw", "ead"])
@@ -174,15 +181,6 @@ def test_ead_large_beta_is_sparser():
   ok = np.asarray(dense.info.success & sparse.info.success)
   assert ok.mean() >= 0.75
   assert np.median(np.asarray(sparse.info.l0)[ok]) < np.median(np.asarray(dense.info.l0)[ok])
-
-
-def test_fused_and_host_loops_agree():
-  logits_fn, x, y = digits_model()
-  kw = dict(binary_search_steps=2, max_iterations=20, learning_rate=0.1, initial_const=1.0)
-  a = cw.cw_l2(logits_fn, x[:4], y[:4], loop_mode="host", **kw)
-  b = cw.cw_l2(logits_fn, x[:4], y[:4], loop_mode="fused", **kw)
-  np.testing.assert_allclose(np.asarray(a.x_adv), np.asarray(b.x_adv), atol=1e-5)
-  np.testing.assert_array_equal(np.asarray(a.info.iterations), np.asarray(b.info.iterations))
 
 
 @pytest.mark.parametrize("attack,kwargs,match", [

@@ -6,14 +6,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attack_testing import AttackCase, digits_model, run_standard_properties
+from attack_testing import AttackCase
+from attack_testing import digits_model
 from attack_testing import linear_model as _linear_model
+from attack_testing import run_standard_properties
 
 from advtrace import data as adv_data
 from advtrace._src.attacks import deepfool as deepfool_lib
 from advtrace._src.attacks import uap as uap_lib
 from advtrace._src.attacks.deepfool import deepfool
-from advtrace._src.attacks.uap import apply_uap, uap, uap_attack
+from advtrace._src.attacks.uap import apply_uap
+from advtrace._src.attacks.uap import uap
+from advtrace._src.attacks.uap import uap_attack
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,7 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attack_testing import AttackCase, digits_model, linear_model, run_standard_properties
+from attack_testing import AttackCase
+from attack_testing import digits_model
+from attack_testing import linear_model
+from attack_testing import run_standard_properties
 
 from advtrace import attacks
 

@@ -7,12 +7,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attack_testing import AttackCase, digits_model, run_standard_properties, targets_for
+from attack_testing import AttackCase
+from attack_testing import digits_model
+from attack_testing import run_standard_properties
+from attack_testing import targets_for
 
 from advtrace._src.attacks import jsma as jsma_lib
 from advtrace._src.attacks import loop
-from advtrace._src.attacks.bpda import bpda, bpda_pgd, quantize
-from advtrace._src.attacks.gradient import bim, pgd
+from advtrace._src.attacks.bpda import bpda
+from advtrace._src.attacks.bpda import bpda_pgd
+from advtrace._src.attacks.bpda import quantize
+from advtrace._src.attacks.gradient import bim
+from advtrace._src.attacks.gradient import pgd
 from advtrace._src.attacks.jsma import jsma
 
 

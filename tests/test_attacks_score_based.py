@@ -5,7 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.fft
-from attack_testing import AttackCase, digits_model, linear_model, run_standard_properties
+from attack_testing import AttackCase
+from attack_testing import digits_model
+from attack_testing import linear_model
+from attack_testing import run_standard_properties
 
 from advtrace._src.attacks import score_based as sb
 
@@ -320,6 +323,16 @@ def test_fused_and_host_loops_agree():
   b = sb.nes(logits_fn, x[:4], y[:4], jax.random.key(0), loop_mode="fused", **kw)
   np.testing.assert_allclose(np.asarray(a.x_adv), np.asarray(b.x_adv), atol=1e-6)
   np.testing.assert_array_equal(np.asarray(a.info.queries), np.asarray(b.info.queries))
+
+
+@pytest.mark.parametrize("case", [CASES[3], CASES[7]], ids=lambda c: c.name)
+def test_bfloat16_in_fused_loop(case):
+  logits_fn, x, y = digits_model()
+  labels = (y[:4] + 1) % 10 if case.targeted else y[:4]
+  out = case(lambda z: logits_fn(z.astype(jnp.float32)), x[:4].astype(jnp.bfloat16), labels,
+             jax.random.key(0), loop_mode="fused")
+  assert out.x_adv.dtype == jnp.bfloat16
+  assert np.all(np.asarray(out.info.queries) <= case.kwargs["max_queries"])
 
 
 def test_time_prior_off_differs():

@@ -4,7 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attack_testing import AttackCase, digits_model, run_standard_properties
+from attack_testing import AttackCase
+from attack_testing import digits_model
+from attack_testing import run_standard_properties
 
 from advtrace._src.attacks import square
 from advtrace._src.attacks.square import square_attack
@@ -26,6 +28,14 @@ def test_standard_properties(case):
   run_standard_properties(case, logits_fn, x[:4], y[:4])
 
 
+def run_in_batches(fn, logits_fn, x, labels, size=4, **kwargs):
+  """Runs an attack on batches of ``size`` rows (the shape the property tests compiled) and
+  concatenates the outputs; batch consistency makes this equal to one big batch."""
+  outs = [fn(logits_fn, x[i:i + size], labels[i:i + size], jax.random.key(i), **kwargs)
+          for i in range(0, x.shape[0], size)]
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+
+
 @pytest.mark.parametrize("norm,eps,targeted,queries,threshold", [
     ("linf", 0.2, False, 300, 0.8),
     ("l2", 1.5, False, 300, 0.8),
@@ -34,10 +44,10 @@ def test_standard_properties(case):
 ])
 def test_effective_on_trained_model(norm, eps, targeted, queries, threshold):
   logits_fn, x, y = digits_model()
-  x, y = x[:32], y[:32]
+  x, y = x[:16], y[:16]
   labels = (y + 1) % 10 if targeted else y
-  out = square_attack(logits_fn, x, labels, jax.random.key(0), eps=eps, norm=norm,
-                      max_queries=queries, targeted=targeted)
+  out = run_in_batches(square_attack, logits_fn, x, labels, eps=eps, norm=norm,
+                       max_queries=queries, targeted=targeted)
   assert float(jnp.mean(out.info.success)) > threshold
   # Exact accounting: one initial query plus one per iteration, never above the budget, and
   # the full budget for every example that did not succeed.
@@ -126,16 +136,16 @@ def test_linf_perturbation_stays_on_the_vertices():
   # Stripes and square updates only ever set entries to x +- eps: away from the box edges every
   # entry of the perturbation has magnitude eps.
   logits_fn, x, y = digits_model()
-  x0 = jnp.full((1, 8, 8, 1), 0.5)
-  out = square_attack(logits_fn, x0, y[:1], jax.random.key(2), eps=0.1, max_queries=30)
+  x0 = jnp.full((4, 8, 8, 1), 0.5)
+  out = square_attack(logits_fn, x0, y[:4], jax.random.key(2), eps=0.1, max_queries=30)
   delta = np.asarray(out.x_adv - x0)
   np.testing.assert_allclose(np.abs(delta), 0.1, atol=1e-6)
 
 
 def test_l2_output_on_sphere_when_not_clipped():
   logits_fn, _, y = digits_model()
-  x0 = jnp.full((2, 8, 8, 1), 0.5)
-  out = square_attack(logits_fn, x0, y[:2], jax.random.key(3), eps=0.3, norm="l2",
+  x0 = jnp.full((4, 8, 8, 1), 0.5)
+  out = square_attack(logits_fn, x0, y[:4], jax.random.key(3), eps=0.3, norm="l2",
                       max_queries=25)
   np.testing.assert_allclose(np.asarray(out.info.l2), 0.3, rtol=1e-5)
 

@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from advtrace._src import attractors as at
@@ -108,7 +109,8 @@ def test_combined_model_contract():
   # softmax(log M) = M = (C + W) / |C + W|_1
   c = jax.nn.softmax(_toy_classifier(x))
   w = qim.decode(x, secret.messages, CFG)
-  np.testing.assert_allclose(np.asarray(probs), np.asarray((c + w) / (c + w).sum(-1, keepdims=True)),
+  expect = (c + w) / (c + w).sum(-1, keepdims=True)
+  np.testing.assert_allclose(np.asarray(probs), np.asarray(expect),
                              rtol=1e-4, atol=1e-6)
   g = jax.grad(lambda z: f(z)[:, 0].sum())(x)
   assert np.all(np.isfinite(np.asarray(g)))

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import deepsec_weights, tfds_data_dir
+from conftest import deepsec_weights
+from conftest import tfds_data_dir
 from flax import traverse_util
 
 from advtrace._src import evaluation

@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import deepsec_weights, repo_root
+from conftest import deepsec_weights
+from conftest import repo_root
 
 from advtrace._src.models import deepsec_weights as dw
 from advtrace._src.models import registry

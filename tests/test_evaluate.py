@@ -10,9 +10,12 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import deepsec_weights, repo_root
+from conftest import deepsec_weights
+from conftest import repo_root
 
-from advtrace._src import data, evaluation, training
+from advtrace._src import data
+from advtrace._src import evaluation
+from advtrace._src import training
 from advtrace._src import weights as weights_lib
 from advtrace._src.models import registry
 

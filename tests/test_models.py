@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from advtrace._src.models import registry, zoo
+from advtrace._src.models import registry
+from advtrace._src.models import zoo
 
 # Compile time dominates these tiny models; the numerics checked here do not depend on it.
 jax.config.update("jax_disable_most_optimizations", True)
@@ -434,3 +435,16 @@ def test_small_cnn_param_count():
   expected = (_conv_params(1, 16) + _conv_params(16, 32) + _dense_params(7 * 7 * 32, 64)
               + _dense_params(64, 10))
   assert _num_params(params) == expected
+
+
+def test_max_pool_2x2_matches_flax_values_and_gradients_with_ties():
+  import flax.linen as nn
+
+  from advtrace._src.models.layers import max_pool_2x2
+  for shape in [(3, 8, 8, 4), (2, 7, 9, 3)]:
+    x = jnp.round(jax.random.uniform(jax.random.key(0), shape) * 3) / 3  # many ties
+    ref = lambda z: nn.max_pool(z, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(np.asarray(max_pool_2x2(x)), np.asarray(ref(x)))
+    g = jax.random.normal(jax.random.key(1), ref(x).shape)
+    grad = lambda f, g=g, x=x: jax.grad(lambda z: jnp.sum(f(z) * g))(x)
+    np.testing.assert_array_equal(np.asarray(grad(max_pool_2x2)), np.asarray(grad(ref)))

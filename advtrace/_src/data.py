@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from advtrace._src import batching, checks
+from advtrace._src import batching
+from advtrace._src import checks
 
 Batch = batching.Batch
 

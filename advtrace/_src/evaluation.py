@@ -13,9 +13,13 @@ import jax
 import numpy as np
 from absl import logging
 
-from advtrace._src import batching, checks, data
+from advtrace._src import batching
+from advtrace._src import checks
+from advtrace._src import data
 from advtrace._src import weights as weights_lib
-from advtrace._src.models import deepsec_weights, registry
+from advtrace._src import xla
+from advtrace._src.models import deepsec_weights
+from advtrace._src.models import registry
 
 
 def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
@@ -131,7 +135,7 @@ def evaluate(
     raise ValueError(f"{model} from {weights} has {num_classes} outputs but {ds.name} has "
                      f"{ds.num_classes} classes.")
 
-  apply = jax.jit(lambda v, x: net.apply(v, x, train=False))
+  apply = xla.jit(lambda v, x: net.apply(v, x, train=False))
   variables = jax.device_put(variables)
   logits = batching.map_batched(lambda x: apply(variables, x), ds.images, int(batch_size))
   n_correct = int(np.sum(np.argmax(logits, axis=-1) == ds.labels))

@@ -78,7 +78,7 @@ def normalized_distance(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax
   """
   p = 255.0 * x
   total = 0.0
-  for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights)):
+  for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights, strict=True)):
     total = total + weight * jnp.mean(qim_distance(p, message[s], delta)) / delta
   return total / sum(cfg.scale_weights)
 
@@ -173,7 +173,7 @@ def nearest_attractor(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax.A
   """
   p = 255.0 * x
   centers = []
-  for s, delta in enumerate(cfg.steps):
+  for delta in cfg.steps:
     k = jnp.arange(int(np.ceil(256.0 / (2 * delta))) + 1)
     for bit_center in (0.5 * delta, 1.5 * delta):
       centers.append(bit_center + 2.0 * delta * k)
@@ -182,7 +182,7 @@ def nearest_attractor(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax.A
   candidates = jnp.concatenate([jnp.broadcast_to(grid[:, None], (grid.size, p.size)),
                                 p.reshape(1, -1)], axis=0)
   cost = 0.0
-  for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights)):
+  for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights, strict=True)):
     cost = cost + weight * qim_distance(candidates, message[s].reshape(1, -1), delta) / delta
   # Lexicographic (cost, distance): costs are exact piecewise-linear values, so round them.
   key_ = jnp.round(cost * 1e6) + jnp.abs(candidates - p.reshape(1, -1)) / 1e3

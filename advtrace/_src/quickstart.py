@@ -21,8 +21,11 @@ import os
 import pathlib
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -31,7 +34,9 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
-from advtrace._src import batching, training
+from advtrace._src import batching
+from advtrace._src import training
+from advtrace._src import xla
 from advtrace._src.models import registry
 
 
@@ -79,7 +84,7 @@ class Context:
   @functools.cached_property
   def logits_fn(self) -> Callable[[jax.Array], jax.Array]:
     """The jitted eval-mode ``x -> logits`` of the trained model."""
-    return jax.jit(registry.logits_fn(self.model, self.variables))
+    return xla.jit(registry.logits_fn(self.model, self.variables))
 
   def logits(self, images: np.ndarray) -> np.ndarray:
     """Eval-mode logits of ``images``, computed in fixed-size batches (no retracing)."""

@@ -26,7 +26,8 @@ import os
 import pathlib
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 import flax
@@ -39,7 +40,9 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from advtrace._src import batching, checks
+from advtrace._src import batching
+from advtrace._src import checks
+from advtrace._src import xla
 from advtrace._src.models import registry
 
 AugmentFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -134,7 +137,7 @@ def create_train_state(
   return _create_train_state(model, tx, key, tuple(input_shape))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 3))
+@functools.partial(xla.jit, static_argnums=(0, 1, 3))
 def _create_train_state(model, tx, key, input_shape):
   # Jitted: eager Flax init compiles every op separately, which takes seconds.
   init_key, train_key = jax.random.split(key)
@@ -298,7 +301,7 @@ def _masked_metrics(logits: jax.Array, labels: jax.Array, mask: jax.Array):
   }
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tx", "augment"))
+@functools.partial(xla.jit, static_argnames=("model", "tx", "augment"))
 def train_step(
     state: TrainState,
     batch: batching.Batch,
@@ -311,7 +314,8 @@ def train_step(
 
   BatchNorm runs in train mode and its running statistics are updated. Dropout and augmentation
   keys are derived from ``fold_in(state.key, state.step)``, so a resumed run repeats them.
-  Padded rows (``mask`` False) carry no loss weight; they do enter BatchNorm batch statistics.
+  Padded rows (``mask`` False) carry no loss weight; they do enter BatchNorm batch statistics
+  (:func:`fit` fills them with other training examples).
 
   Returns:
     The new state and summed metrics ``{'loss_sum', 'correct', 'count'}`` over real rows.
@@ -341,7 +345,7 @@ def train_step(
   return new_state, metrics
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
+@functools.partial(xla.jit, static_argnames=("model",))
 def eval_step(variables: Variables, batch: batching.Batch, *, model: nn.Module):
   """Summed eval-mode metrics (BatchNorm running statistics) over the unmasked rows."""
   logits = model.apply(variables, batch.x, train=False)
@@ -560,12 +564,19 @@ def restore_model(path: str | os.PathLike, step: int | None = None):
 
 def _run_epoch(state, train_step_fn, images, labels, batch_size, epoch, seed, log_every):
   """One pass over a freshly shuffled training set; returns (state, metrics, timing)."""
-  order = np.random.default_rng([seed, epoch]).permutation(len(images))
+  n = len(images)
+  order = np.random.default_rng([seed, epoch]).permutation(n)
+  # The last batch is filled up with the first examples of the epoch, masked out of the loss, so
+  # BatchNorm batch statistics still come from varied real images.
+  num_batches = -(-n // batch_size)
+  order = np.concatenate([order, order[:num_batches * batch_size - n]])
   metrics, compile_s, steady_s, steady_n = [], 0.0, 0.0, 0
   t_start = time.perf_counter()
   t_steady = None
-  for i, idx in enumerate(batching.padded_batches(order, None, batch_size)):
-    batch = batching.Batch(images[idx.x], labels[idx.x], idx.mask)
+  for i in range(num_batches):
+    pos = np.arange(i * batch_size, (i + 1) * batch_size)
+    idx = order[pos]
+    batch = batching.Batch(images[idx], labels[idx], pos < n)
     state, m = train_step_fn(state, batch)
     metrics.append(m)
     if t_steady is None:

@@ -27,7 +27,8 @@ import io
 import os
 import pickle
 import struct
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 

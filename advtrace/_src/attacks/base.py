@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from advtrace._src import checks
+from advtrace._src import xla
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 
@@ -112,7 +113,7 @@ def perturbation_norms(x: jax.Array, x_adv: jax.Array) -> tuple[jax.Array, jax.A
           jnp.max(jnp.abs(d), axis=1))
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "targeted"))
+@functools.partial(xla.jit, static_argnames=("logits_fn", "targeted"))
 def finalize(logits_fn: LogitsFn, x: jax.Array, x_adv: jax.Array, labels: jax.Array, *,
              targeted: bool, iterations, queries) -> AttackOutput:
   """Builds the :class:`AttackOutput` for an already projected and clipped ``x_adv``."""

@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advtrace._src.attacks import base, losses
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import losses
 
 UPPER_INIT = 1e10  # "no upper bound known yet"
 
@@ -75,7 +77,7 @@ def record(best_x: jax.Array, best_dist: jax.Array, round_success: jax.Array,
           round_success | success)
 
 
-@jax.jit
+@xla.jit
 def update_const(const: jax.Array, lower: jax.Array, upper: jax.Array, success: jax.Array):
   """Carlini & Wagner's per-example update of ``c`` after a round (see the module docstring).
 
@@ -125,7 +127,7 @@ def search(run_round: RoundFn, x: jax.Array, initial_const: jax.Array,
   return best, iterations, queries
 
 
-@jax.jit
+@xla.jit
 def _select(x, x_adv, keep):
   return jnp.where(keep.reshape(keep.shape + (1,) * (x.ndim - 1)), x_adv, x)
 

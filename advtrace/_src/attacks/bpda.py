@@ -20,7 +20,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from advtrace._src.attacks import base, gradient
+from advtrace._src.attacks import base
+from advtrace._src.attacks import gradient
 
 Preprocess = Callable[[jax.Array], jax.Array]
 

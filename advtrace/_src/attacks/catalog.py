@@ -28,7 +28,8 @@ import dataclasses
 import functools
 import importlib
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
+from collections.abc import Mapping
 from typing import Any
 
 THREATS = ("untargeted", "targeted")
@@ -212,7 +213,7 @@ _SPECS = (
     _spec("simba_dct", "score_based:simba", reference=_SIMBA, query_based=True,
           fixed={"basis": "dct"}),
     _spec("square", "square:square_attack", reference=_SQUARE, query_based=True),
-    _spec("hsj", "hopskipjump:hopskipjump", reference=_HSJ, query_based=True),
+    _spec("hsj", "hopskipjump:hop_skip_jump", reference=_HSJ, query_based=True),
     _spec("sign_opt", "sign_opt:sign_opt", reference=_SIGN_OPT, query_based=True),
 )
 

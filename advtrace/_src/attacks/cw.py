@@ -21,13 +21,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from advtrace._src.attacks import base, binary_search, loop, losses
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import binary_search
+from advtrace._src.attacks import loop
+from advtrace._src.attacks import losses
 
 _TANH_SCALE = 1.0 - 1e-6  # keeps arctanh finite at the box edges (CW use 0.999999)
 
 
 class _Config(NamedTuple):
-  abort_every: int  # check for early abort every this many steps; 0 disables it
   abort_tol: float
   all_copies: bool  # OptMargin: judge an iterate by all its copies, not only the point
   clip_min: float
@@ -42,6 +45,7 @@ class _State(NamedTuple):
   const: jax.Array
   kappa: jax.Array
   lr: jax.Array
+  abort_every: jax.Array  # check for early abort every this many steps; 0 disables it
   noise: jax.Array | None  # OptMargin's (copies, ...) offsets, the last one zero; None for CW
   opt_state: optax.OptState
   prev_loss: jax.Array
@@ -86,21 +90,21 @@ def _step(logits_fn, cfg: _Config, s: _State) -> _State:
       s.best_x, s.best_dist, s.round_success, x_adv, dist, success)
   updates, opt_state = optax.adam(s.lr).update(grad, s.opt_state)
   active, prev_loss = s.active, s.prev_loss
-  if cfg.abort_every > 0:
-    check = s.iteration % cfg.abort_every == 0
-    active = active & ~(check & (loss > prev_loss * (1.0 - cfg.abort_tol)))
-    prev_loss = jnp.where(check, loss, prev_loss)
+  check = (s.abort_every > 0) & (s.iteration % jnp.maximum(s.abort_every, 1) == 0)
+  active = active & ~(check & (loss > prev_loss * (1.0 - cfg.abort_tol)))
+  prev_loss = jnp.where(check, loss, prev_loss)
   return s._replace(w=s.w + updates, opt_state=opt_state, prev_loss=prev_loss, best_x=best_x,
                     best_dist=best_dist, round_success=round_success, active=active)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _init_state(cfg: _Config, x, labels, targeted, const, kappa, lr, noise, best_x,
+@functools.partial(xla.jit, static_argnums=0)
+def _init_state(cfg: _Config, x, labels, targeted, const, kappa, lr, abort_every, noise, best_x,
                 best_dist) -> _State:
   batch = x.shape[0]
   w0 = to_tanh_space(x, cfg.clip_min, cfg.clip_max)
   return _State(
-      w=w0, x=x, label=labels, targeted=targeted, const=const, kappa=kappa, lr=lr, noise=noise,
+      w=w0, x=x, label=labels, targeted=targeted, const=const, kappa=kappa, lr=lr,
+      abort_every=jnp.broadcast_to(abort_every, (batch,)), noise=noise,
       opt_state=jax.vmap(optax.adam(1.0).init)(w0),
       prev_loss=jnp.full((batch,), jnp.inf, jnp.float32), best_x=best_x, best_dist=best_dist,
       round_success=jnp.zeros((batch,), bool), active=jnp.ones((batch,), bool),
@@ -121,13 +125,14 @@ def tanh_attack(logits_fn: base.LogitsFn, x: jax.Array, labels: jax.Array, *, ta
   """
   batch = x.shape[0]
   copies = 1 if noise is None else noise.shape[1]
-  cfg = _Config(max_iterations // 10 if abort_early else 0, float(abort_tol), bool(all_copies),
-                float(clip_min), float(clip_max))
+  cfg = _Config(float(abort_tol), bool(all_copies), float(clip_min), float(clip_max))
+  # In the state rather than the config, so that budgets share one compiled step.
+  abort_every = jnp.int32(max_iterations // 10 if abort_early else 0)
   targeted_arr = jnp.full((batch,), targeted)
 
   def run_round(const, best: binary_search.Best) -> binary_search.RoundResult:
-    state = _init_state(cfg, x, labels, targeted_arr, const, kappa, learning_rate, noise,
-                        best.x_adv, best.dist)
+    state = _init_state(cfg, x, labels, targeted_arr, const, kappa, learning_rate, abort_every,
+                        noise, best.x_adv, best.dist)
     state = loop.run(_step, logits_fn, cfg, state, max_iterations, loop=loop_mode)
     return binary_search.RoundResult(
         binary_search.Best(state.best_x, state.best_dist, best.found | state.round_success),
@@ -172,7 +177,8 @@ def cw_l2(
   (``abort_early=False``); Table VIII: 20 binary steps, lr 0.1, 500 iterations, c0 1e-3.
   Differences from DEEPSEC: a failure returns ``x`` (DEEPSEC returns zeros), the distance is
   measured to ``x`` rather than to ``tanh(arctanh(x))``, and ``c`` is updated per example
-  without DEEPSEC's bisection bug (``binary_search.py``).
+  without DEEPSEC's bisection bug (``binary_search.py``). Unlike CW's reference code, the last
+  of 10 or more rounds is not rerun at the smallest successful ``c`` (DEEPSEC does not either).
 
   Args:
     logits_fn: batched model, NHWC images to logits.

@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advtrace._src.attacks import base, loop
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import loop
 
 DEEPFOOL_NORMS = ("l2", "linf")
 _MIN_STEP = 1e-4  # the reference implementation's extra distance per step
@@ -114,12 +116,12 @@ def init_state(logits, x, labels, overshoot, num_candidates) -> _State:
       active=jnp.ones((batch,), bool), iteration=jnp.zeros((batch,), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
+@functools.partial(xla.jit, static_argnums=(0, 4))
 def _init(logits_fn, x, labels, overshoot, num_candidates):
   return init_state(logits_fn(x), x, labels, overshoot, num_candidates)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(xla.jit, static_argnums=(0,))
 def _keep_successful(logits_fn, x, x_adv, labels):
   """Returns ``x`` (unchanged) for every example whose ``x_adv`` is not misclassified."""
   ok = jnp.argmax(logits_fn(x_adv), axis=-1) != labels
@@ -211,7 +213,8 @@ def deepfool(
   Args:
     logits_fn: batched model, NHWC images to logits.
     x: images, NHWC in ``[clip_min, clip_max]``.
-    labels: the true labels (the classes to move away from).
+    labels: the true labels (the classes to move away from). An example the model already
+      misclassifies is returned unchanged (``success=True``, 0 iterations).
     key: unused (DeepFool is deterministic); accepted for the common attack signature.
     norm: ``"l2"`` (the paper's main attack, DEEPSEC's) or ``"linf"``.
     overshoot: the final perturbation is ``(1 + overshoot) * r_tot``; scalar or per-example.

@@ -20,15 +20,17 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from advtrace._src.attacks import base, binary_search, loop, losses
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import binary_search
+from advtrace._src.attacks import loop
+from advtrace._src.attacks import losses
 
 DECISION_RULES = ("en", "l1")
 
 
 class _Config(NamedTuple):
-  max_iterations: int  # K of the learning-rate decay
   rule: str
-  abort_every: int  # 0 disables early abort
   abort_tol: float
   clip_min: float
   clip_max: float
@@ -44,6 +46,8 @@ class _State(NamedTuple):
   kappa: jax.Array
   beta: jax.Array
   lr: jax.Array
+  max_iterations: jax.Array  # K of the step-size decay
+  abort_every: jax.Array  # check for early abort every this many steps; 0 disables it
   prev_loss: jax.Array
   best_x: jax.Array
   best_dist: jax.Array
@@ -68,7 +72,7 @@ def _smooth_loss(logits_fn, s: _State, y):
 def _step(logits_fn, cfg: _Config, s: _State) -> _State:
   grad = jax.grad(lambda y: _smooth_loss(logits_fn, s, y))(s.y)
   k = s.iteration.astype(jnp.float32)
-  lr = s.lr * jnp.sqrt(jnp.maximum(1.0 - k / cfg.max_iterations, 0.0))
+  lr = s.lr * jnp.sqrt(jnp.maximum(1.0 - k / s.max_iterations, 0.0))
   x_new = shrink(s.y - lr * grad, s.x, s.beta, cfg.clip_min, cfg.clip_max)
   y_new = x_new + k / (k + 3.0) * (x_new - s.x_k)
 
@@ -82,23 +86,25 @@ def _step(logits_fn, cfg: _Config, s: _State) -> _State:
       s.best_x, s.best_dist, s.round_success, x_new, dist, success)
 
   active, prev_loss = s.active, s.prev_loss
-  if cfg.abort_every > 0:
-    loss = s.const * f + l2sq + s.beta * l1
-    check = s.iteration % cfg.abort_every == 0
-    active = active & ~(check & (loss > prev_loss * (1.0 - cfg.abort_tol)))
-    prev_loss = jnp.where(check, loss, prev_loss)
+  loss = s.const * f + l2sq + s.beta * l1
+  check = (s.abort_every > 0) & (s.iteration % jnp.maximum(s.abort_every, 1) == 0)
+  active = active & ~(check & (loss > prev_loss * (1.0 - cfg.abort_tol)))
+  prev_loss = jnp.where(check, loss, prev_loss)
   return s._replace(x_k=x_new, y=y_new, prev_loss=prev_loss, best_x=best_x, best_dist=best_dist,
                     round_success=round_success, active=active)
 
 
-@jax.jit
-def _init_state(x, labels, targeted, const, kappa, beta, lr, best_x, best_dist) -> _State:
+@xla.jit
+def _init_state(x, labels, targeted, const, kappa, beta, lr, max_iterations, abort_every, best_x,
+                best_dist) -> _State:
   batch = x.shape[0]
   return _State(
       x_k=x, y=x, x=x, label=labels, targeted=targeted, const=const, kappa=kappa, beta=beta,
-      lr=lr, prev_loss=jnp.full((batch,), jnp.inf, jnp.float32), best_x=best_x,
-      best_dist=best_dist, round_success=jnp.zeros((batch,), bool),
-      active=jnp.ones((batch,), bool), iteration=jnp.zeros((batch,), jnp.int32))
+      lr=lr, max_iterations=jnp.broadcast_to(max_iterations, (batch,)),
+      abort_every=jnp.broadcast_to(abort_every, (batch,)),
+      prev_loss=jnp.full((batch,), jnp.inf, jnp.float32), best_x=best_x, best_dist=best_dist,
+      round_success=jnp.zeros((batch,), bool), active=jnp.ones((batch,), bool),
+      iteration=jnp.zeros((batch,), jnp.int32))
 
 
 def ead(
@@ -139,7 +145,9 @@ def ead(
   learning_rate=0.02, max_iterations=10000, initial_const=1e-3, kappa=0`` and 5 binary steps
   (code default; Table VII says 10), no early abort; Table VIII: 20 binary steps, lr 0.5,
   500 iterations. DEEPSEC's EAD keeps the step size constant (no decay), returns zeros for a
-  failure and has the bisection bug of ``binary_search.py``; none of that is reproduced.
+  failure and has the bisection bug of ``binary_search.py``; none of that is reproduced. The
+  authors' code uses momentum :math:`(k+1)/(k+4)` (its step counter is incremented before the
+  momentum is read); this follows the paper's :math:`k/(k+3)`.
 
   Args:
     logits_fn: batched model, NHWC images to logits.
@@ -182,14 +190,16 @@ def ead(
   kappa = base.per_example(kappa, batch, "kappa")
   lr = base.per_example(learning_rate, batch, "learning_rate", allow_zero=False)
   initial_const = base.per_example(initial_const, batch, "initial_const", allow_zero=False)
-  cfg = _Config(max(max_iterations, 1), decision_rule,
-                max_iterations // 10 if abort_early else 0, 1e-4,
-                float(clip_min), float(clip_max))
+  cfg = _Config(decision_rule, 1e-4, float(clip_min), float(clip_max))
+  # Budgets live in the state rather than the config, so that they share one compiled step.
+  budget = jnp.float32(max(max_iterations, 1))
+  abort_every = jnp.int32(max_iterations // 10 if abort_early else 0)
 
   targeted_arr = jnp.full((batch,), bool(targeted))
 
   def run_round(const, best: binary_search.Best) -> binary_search.RoundResult:
-    state = _init_state(x, labels, targeted_arr, const, kappa, beta, lr, best.x_adv, best.dist)
+    state = _init_state(x, labels, targeted_arr, const, kappa, beta, lr, budget, abort_every,
+                        best.x_adv, best.dist)
     state = loop.run(_step, logits_fn, cfg, state, max_iterations, loop=loop_mode)
     return binary_search.RoundResult(
         binary_search.Best(state.best_x, state.best_dist, best.found | state.round_success),

@@ -16,7 +16,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from advtrace._src.attacks import base, losses, loop, projections
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import loop
+from advtrace._src.attacks import losses
+from advtrace._src.attacks import projections
 
 LOSSES = {"ce": losses.cross_entropy, "margin": losses.margin}
 
@@ -167,11 +171,16 @@ def iterative_attack(
       continue
     better = (out.info.success & ~best.info.success) | (
         (out.info.success == best.info.success) & (final_loss < best_loss))
-    best = jax.tree.map(lambda n, o: jnp.where(
-        better.reshape(better.shape + (1,) * (n.ndim - 1)), n, o), out, best)
+    best = _select_rows(better, out, best)
     best_loss = jnp.where(better, final_loss, best_loss)
   # Report the total work over all restarts, not only the winning restart's.
   return best._replace(info=best.info._replace(queries=best.info.queries * num_restarts))
+
+
+def _select_rows(mask, new, old):
+  """Per example (leading axis), takes ``new`` where ``mask`` is True, else ``old``."""
+  return jax.tree.map(
+      lambda n, o: jnp.where(mask.reshape(mask.shape + (1,) * (n.ndim - 1)), n, o), new, old)
 
 
 def _init(cfg, x, labels, targeted, eps, step_size, random_start, random_step, keys):
@@ -191,7 +200,7 @@ def _init(cfg, x, labels, targeted, eps, step_size, random_start, random_step, k
       active=jnp.ones((batch,), bool), iteration=jnp.zeros((batch,), jnp.int32))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+@functools.partial(xla.jit, static_argnums=(0, 1, 4))
 def _final_loss(logits_fn, cfg, x_adv, labels, targeted):
   logits = logits_fn(x_adv)
   return jax.vmap(lambda z, y: LOSSES[cfg.loss](z, y, targeted))(logits, labels)

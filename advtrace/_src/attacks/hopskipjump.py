@@ -12,10 +12,19 @@ The structure, thresholds (``theta = gamma / d^{3/2}`` for L2, ``gamma / d^2`` f
 sampling radius ``delta`` follow the authors' code (``Jianbo-Lab/HSJA: hsja.py``). Every accepted
 point was queried and found adversarial, so the output is adversarial whenever a start was found.
 
+Differences to the reference, all deliberate: the untargeted start tries at most ``init_size``
+noise images (ART's rule; the reference tries up to 10^4); a start given in ``x_init`` costs one
+query to verify it; the geometric search halves at most 30 times (the reference loops until it
+succeeds); the labels are the ones passed in (the reference attacks the model's own prediction,
+which is what to pass to reproduce it). ART 1.10 (used by adv_tracing) orders each iteration as
+binary search, gradient, step, so its output is the last stepped point without a final
+projection; here, as in the authors' code, every step ends with the projection.
+
 Batching: the whole batch runs together (one ``vmap``); Monte-Carlo samples are evaluated in
 fixed-size chunks of ``eval_batch_size`` with a mask on the unused tail of the last chunk, and
-the variable-length searches are ``lax.while_loop``\\ s with per-example stopping, so shapes are
-static and each example's queries are counted exactly.
+the variable-length searches are ``lax.while_loop`` calls with per-example stopping, so shapes
+are static and each example's queries are counted exactly. Sums use :func:`pairwise_sum` so that a
+batched call gives bitwise the same result as single-example calls.
 
 Query accounting: every model evaluation of a candidate counts one query for its example. The
 optional ``max_queries`` budget is respected exactly: a search that runs out of queries stops and
@@ -31,19 +40,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advtrace._src import batching, checks
-from advtrace._src.attacks import base, loop
+from advtrace._src import batching
+from advtrace._src import checks
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import loop
 
 HSJ_NORMS = ("l2", "linf")
 NO_BUDGET = np.iinfo(np.int32).max
 _MAX_HALVINGS = 30  # cap on the geometric step-size search (the reference loops forever)
 _INIT_BLEND_TOL = 0.001  # the reference's tolerance for the blended-noise binary search
+_MAX_EVALS = 30000  # keeps the exact integer num_evals schedule within int32
 
 
 class _Config(NamedTuple):
   norm: str
   targeted: bool
-  num_evals: tuple[int, ...]  # per iteration: min(int(init_num_evals * sqrt(t)), max_num_evals)
+  init_num_evals: int
+  max_num_evals: int
   eval_batch_size: int
   init_size: int
   clip_min: float
@@ -74,9 +88,44 @@ def decide(logits_fn, images: jax.Array, label: jax.Array, targeted: bool, clip_
   return pred == label if targeted else pred != label
 
 
+def random_normal(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+  """``jax.random.normal`` drawn flat, then reshaped: flat draws compile several times faster."""
+  return jax.random.normal(key, (int(np.prod(shape)),), dtype).reshape(shape)
+
+
+def random_uniform(key: jax.Array, shape, dtype=jnp.float32, minval=0.0, maxval=1.0):
+  """``jax.random.uniform`` drawn flat, then reshaped (see :func:`random_normal`)."""
+  return jax.random.uniform(key, (int(np.prod(shape)),), dtype, minval, maxval).reshape(shape)
+
+
+def pairwise_sum(v: jax.Array, num_axes: int | None = None) -> jax.Array:
+  """Sums the trailing ``num_axes`` axes of ``v`` (all by default) in a fixed pairwise order.
+
+  XLA's reductions can round differently for different batch sizes, and a decision-based
+  attack turns a last-bit difference into a different path. Explicit pairwise additions give
+  bitwise the same sum for any batch size, so row ``i`` of a batched call equals the
+  single-example call.
+  """
+  num_axes = v.ndim if num_axes is None else num_axes
+  lead = v.shape[:v.ndim - num_axes]
+  v = v.reshape(lead + (-1,))
+  n = v.shape[-1]
+  size = 1 << max(n - 1, 0).bit_length()
+  v = jnp.pad(v, [(0, 0)] * len(lead) + [(0, size - n)])
+  while size > 1:
+    size //= 2
+    v = v[..., :size] + v[..., size:]
+  return v[..., 0]
+
+
+def l2_norm(v: jax.Array, num_axes: int | None = None) -> jax.Array:
+  """L2 norm over the trailing ``num_axes`` axes, batch-size invariant (see pairwise_sum)."""
+  return jnp.sqrt(pairwise_sum(v * v, num_axes))
+
+
 def distance(a: jax.Array, b: jax.Array, norm: str) -> jax.Array:
-  d = (a - b).reshape(-1)
-  return jnp.sqrt(jnp.sum(d * d)) if norm == "l2" else jnp.max(jnp.abs(d))
+  d = a - b
+  return l2_norm(d) if norm == "l2" else jnp.max(jnp.abs(d))
 
 
 def check_budget(max_queries, name: str = "max_queries") -> int:
@@ -123,7 +172,7 @@ def starting_points(logits_fn: base.LogitsFn, pool: jax.Array, targets: jax.Arra
   checks.check_labels(targets, None, "targets")
   targets = np.asarray(targets)
   keys = base.example_keys(key, targets.shape[0])
-  pred = batching.map_batched(jax.jit(lambda z: jnp.argmax(logits_fn(z), -1)), np.asarray(pool),
+  pred = batching.map_batched(xla.jit(lambda z: jnp.argmax(logits_fn(z), -1)), np.asarray(pool),
                               batch_size)
   matches = pred[None, :] == targets[:, None]
   missing = sorted(set(targets[~matches.any(axis=1)].tolist()))
@@ -188,17 +237,19 @@ def _estimate_gradient(logits_fn, cfg: _Config, x_adv, label, delta, num_evals, 
     k = jax.random.fold_in(key, i)
     shape = (chunk,) + x_adv.shape
     if cfg.norm == "l2":
-      rv = jax.random.normal(k, shape, x_adv.dtype)
+      rv = random_normal(k, shape, x_adv.dtype)
     else:
-      rv = jax.random.uniform(k, shape, x_adv.dtype, -1.0, 1.0)
-    rv = rv / jnp.sqrt(jnp.sum(rv * rv, axis=(1, 2, 3), keepdims=True))
+      rv = random_uniform(k, shape, x_adv.dtype, -1.0, 1.0)
+    rv = rv / l2_norm(rv, 3)[:, None, None, None]
     pert = jnp.clip(x_adv + delta * rv, cfg.clip_min, cfg.clip_max)
     rv = (pert - x_adv) / delta
     f = 2.0 * decide(logits_fn, pert, label, cfg.targeted, cfg.clip_min, cfg.clip_max) - 1.0
     used = (i * chunk + jnp.arange(chunk)) < n
     f = jnp.where(used, f, 0.0)
     rv = jnp.where(used[:, None, None, None], rv, 0.0)
-    return (i + 1, s_rv + jnp.sum(rv, 0), s_frv + jnp.tensordot(f, rv, 1), s_f + jnp.sum(f))
+    over_samples = lambda a: pairwise_sum(jnp.moveaxis(a, 0, -1), 1)
+    return (i + 1, s_rv + over_samples(rv), s_frv + over_samples(f[:, None, None, None] * rv),
+            s_f + jnp.sum(f))
 
   zeros = jnp.zeros_like(x_adv)
   _, s_rv, s_frv, s_f = jax.lax.while_loop(
@@ -208,7 +259,7 @@ def _estimate_gradient(logits_fn, cfg: _Config, x_adv, label, delta, num_evals, 
   # The reference subtracts the baseline mean(f) unless every decision agrees.
   grad = jnp.where(f_bar == 1.0, mean_rv,
                    jnp.where(f_bar == -1.0, -mean_rv, s_frv / count - f_bar * mean_rv))
-  grad = grad / jnp.maximum(jnp.sqrt(jnp.sum(grad * grad)), 1e-12)
+  grad = grad / jnp.maximum(l2_norm(grad), 1e-12)
   return grad, queries + jnp.maximum(n, 0)
 
 
@@ -232,6 +283,18 @@ def _geometric_step(logits_fn, cfg: _Config, x_adv, update, dist, cur_iter, labe
   return jnp.where(found, x_new, x_adv), queries
 
 
+def _num_evals(cfg: _Config, t: jax.Array) -> jax.Array:
+  """``min(int(init_num_evals * sqrt(t)), max_num_evals)`` in exact integer arithmetic."""
+  init, cap = cfg.init_num_evals, cfg.max_num_evals
+  capped = init * jnp.sqrt(t.astype(jnp.float32)) >= cap + 1
+  t = jnp.minimum(t, int(((cap + 2) / init) ** 2) + 1)  # keeps init^2 * t within int32
+  v = init * init * t
+  r = jnp.floor(jnp.sqrt(v.astype(jnp.float32))).astype(jnp.int32)
+  r = jnp.where(r * r > v, r - 1, r)
+  r = jnp.where((r + 1) * (r + 1) <= v, r + 1, r)
+  return jnp.where(capped, cap, jnp.minimum(r, cap))
+
+
 def _step(logits_fn, cfg: _Config, s: _State) -> _State:
   # Finished examples are frozen by the driver; a zero budget keeps their loops empty.
   budget = jnp.where(s.active, s.budget, s.queries)
@@ -240,8 +303,7 @@ def _step(logits_fn, cfg: _Config, s: _State) -> _State:
   scale = np.sqrt(d) if cfg.norm == "l2" else float(d)
   delta = jnp.where(cur_iter == 1, 0.1 * (cfg.clip_max - cfg.clip_min),
                     jnp.maximum(scale * s.theta * s.dist_post, 1e-12))
-  table = jnp.asarray(cfg.num_evals, jnp.int32)
-  num_evals = table[jnp.minimum(s.iteration, table.shape[0] - 1)]
+  num_evals = _num_evals(cfg, cur_iter)
   key = jax.random.fold_in(s.key, s.iteration)
   grad, q = _estimate_gradient(logits_fn, cfg, s.x_adv, s.label, delta, num_evals, key,
                                s.queries, budget)
@@ -264,7 +326,7 @@ def _init_one(logits_fn, cfg: _Config, x, label, x_init, key, theta, budget):
 
     def noise_body(c):
       i, _, noise, q = c
-      cand = jax.random.uniform(jax.random.fold_in(key, i), x.shape, x.dtype, cfg.clip_min,
+      cand = random_uniform(jax.random.fold_in(key, i), x.shape, x.dtype, cfg.clip_min,
                                 cfg.clip_max)
       adv = _decide_one(logits_fn, cfg, cand, label)
       return i + 1, adv, jnp.where(adv, cand, noise), q + 1
@@ -294,7 +356,7 @@ def _init_one(logits_fn, cfg: _Config, x, label, x_init, key, theta, budget):
   return x_adv, dist_post, q, found
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(xla.jit, static_argnums=(0, 1))
 def _init(logits_fn, cfg: _Config, x, labels, x_init, keys, theta, budget) -> _State:
   k_init = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
   k_loop = jax.vmap(jax.random.fold_in, (0, None))(keys, 1)
@@ -351,7 +413,7 @@ def hop_skip_jump(
     gamma: sets the binary-search threshold ``theta``; scalar or per-example.
     init_num_evals: Monte-Carlo samples at iteration 1; iteration ``t`` uses
       ``int(init_num_evals * sqrt(t))``, capped at ``max_num_evals``.
-    max_num_evals: the cap on Monte-Carlo samples per iteration.
+    max_num_evals: the cap on Monte-Carlo samples per iteration (at most 30000).
     init_size: random-noise draws tried for the untargeted start.
     eval_batch_size: Monte-Carlo samples per model call (a shape, not a budget).
     clip_min: lower end of the box.
@@ -373,12 +435,15 @@ def hop_skip_jump(
   if targeted and x_init is None:
     raise ValueError("A targeted HopSkipJump attack needs x_init, one start per example "
                      "classified as its target (see starting_points()).")
-  for name, value, low in (("num_iterations", num_iterations, 0),
-                           ("init_num_evals", init_num_evals, 1),
-                           ("max_num_evals", max_num_evals, 1), ("init_size", init_size, 1),
-                           ("eval_batch_size", eval_batch_size, 1)):
-    if not isinstance(value, (int, np.integer)) or value < low:
-      raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
+  for name, value, low, high in (("num_iterations", num_iterations, 0, None),
+                                 ("init_num_evals", init_num_evals, 1, _MAX_EVALS),
+                                 ("max_num_evals", max_num_evals, 1, _MAX_EVALS),
+                                 ("init_size", init_size, 1, None),
+                                 ("eval_batch_size", eval_batch_size, 1, None)):
+    if (not isinstance(value, (int, np.integer)) or value < low
+        or (high is not None and value > high)):
+      bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+      raise ValueError(f"{name} must be an integer {bound}, got {value!r}.")
   budget_value = check_budget(max_queries)
   x_init = check_starts(x_init, x)
   if x_init is not None:
@@ -390,10 +455,8 @@ def hop_skip_jump(
   keys = base.example_keys(key, batch)
   d = int(np.prod(x.shape[1:]))
   theta = gamma / (d * np.sqrt(d)) if norm == "l2" else gamma / d ** 2
-  num_evals = tuple(min(int(init_num_evals * np.sqrt(t)), max_num_evals)
-                    for t in range(1, max(num_iterations, 1) + 1))
-  cfg = _Config(norm, bool(targeted), num_evals, int(eval_batch_size), int(init_size),
-                float(clip_min), float(clip_max))
+  cfg = _Config(norm, bool(targeted), int(init_num_evals), int(max_num_evals),
+                int(eval_batch_size), int(init_size), float(clip_min), float(clip_max))
   budget = jnp.full((batch,), budget_value, jnp.int32)
   state = _init(logits_fn, cfg, x, labels, x_init, keys, theta, budget)
   state = loop.run(_step, logits_fn, cfg, state, num_iterations, loop=loop_mode)

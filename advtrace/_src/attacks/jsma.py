@@ -26,7 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advtrace._src.attacks import base, loop
+from advtrace._src.attacks import base
+from advtrace._src.attacks import loop
 
 # Default budget for the pair-map block of a whole batch, in float32 values (64 MiB).
 _BLOCK_BUDGET = 1 << 24

@@ -45,7 +45,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from advtrace._src.attacks import base, binary_search, loop
+from advtrace._src import checks
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import binary_search
+from advtrace._src.attacks import loop
 
 
 class Config(NamedTuple):
@@ -166,7 +170,7 @@ def _step(logits_fn, cfg: Config, s: _State) -> _State:
       round_success=round_success, active=s.active & ~done)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(xla.jit, static_argnums=(0, 1))
 def _init_state(logits_fn, cfg: Config, x, labels, const, best_x, best_dist) -> _State:
   batch = x.shape[0]
   f0, g0, ok0 = jax.vmap(functools.partial(_value_and_grad, logits_fn))(x, labels, const, x)
@@ -258,8 +262,8 @@ def box_lbfgs(
   for name, value in (("memory_size", memory_size), ("max_linesearch", max_linesearch)):
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-  base.checks.check_positive(pgtol, "pgtol")
-  base.checks.check_positive(ftol, "ftol")
+  checks.check_positive(pgtol, "pgtol")
+  checks.check_positive(ftol, "ftol")
   loop.resolve_loop(loop_mode)
   x = jnp.asarray(x)
   labels = jnp.asarray(labels, jnp.int32)

@@ -28,6 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from advtrace._src import xla
+
 LOOP_MODES = ("auto", "host", "fused")
 
 StepFn = Callable[[Callable, Any, Any], Any]
@@ -51,10 +53,10 @@ def _batched_step(step_fn: StepFn, logits_fn, cfg, state):
   return _freeze_done(new, state)
 
 
-_jit_step = jax.jit(_batched_step, static_argnums=(0, 1, 2), donate_argnums=())
+_jit_step = xla.jit(_batched_step, static_argnums=(0, 1, 2), donate_argnums=())
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(xla.jit, static_argnums=(0, 1, 2))
 def _fused(step_fn: StepFn, logits_fn, cfg, state, num_steps):
   def cond(carry):
     i, s = carry

@@ -18,7 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advtrace._src.attacks import base, binary_search, cw, loop
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import binary_search
+from advtrace._src.attacks import cw
+from advtrace._src.attacks import loop
 
 NOISE_SCALINGS = ("linf", "rms")
 DECISION_RULES = ("point", "all")
@@ -54,7 +58,7 @@ def noise_vectors(key: jax.Array, shape: tuple[int, ...], noise_count: int, nois
   return noise.at[-1].set(0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 4))
+@functools.partial(xla.jit, static_argnums=(1, 2, 4))
 def _batch_noise(keys, shape, noise_count, noise_mag, scaling):
   return jax.vmap(lambda k, m: noise_vectors(k, shape, noise_count, m, scaling))(keys, noise_mag)
 
@@ -169,7 +173,7 @@ def optmargin(
       loop_mode=loop_mode, all_copies=decision_rule == "all")
 
 
-@functools.partial(jax.jit, static_argnames=("logits_fn", "targeted", "clip_min", "clip_max"))
+@functools.partial(xla.jit, static_argnames=("logits_fn", "targeted", "clip_min", "clip_max"))
 def _noise_success(logits_fn, x_adv, labels, noise, *, targeted, clip_min, clip_max):
   copies = jnp.clip(x_adv[:, None] + noise, clip_min, clip_max)
   logits = logits_fn(copies.reshape((-1,) + x_adv.shape[1:]))

@@ -32,6 +32,7 @@ References:
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import math
@@ -39,19 +40,25 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Callable
+from collections.abc import Mapping
+from collections.abc import Sequence
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
-from advtrace._src import batching, checks, data
+from advtrace._src import batching
+from advtrace._src import checks
+from advtrace._src import data
 from advtrace._src import weights as weights_lib
 from advtrace._src.attacks import catalog
 from advtrace._src.attacks import settings as settings_lib
-from advtrace._src.models import deepsec_weights, registry
+from advtrace._src.models import deepsec_weights
+from advtrace._src.models import registry
 
 _RESERVED = ("logits_fn", "x", "labels", "key", "targeted", "loop_mode")
 _PARTIAL = "partial.npz"
@@ -126,6 +133,7 @@ def default_reproduce_config() -> ml_collections.ConfigDict:
   """The config schema of :func:`reproduce_attacks`: :func:`default_config` plus
 
   attacks: the catalogue names to run, in order (default: seed-003's 18).
+  attack_kwargs: as in :func:`default_config`, applied to every attack.
   n_examples: a ConfigDict ``{attack: count}``; attacks not listed use ``default_n_examples``.
   fallback_settings: a table for attacks the main table lacks (e.g. BPDA/SPSA under
     ``deepsec_code_*``: ``'table8'``); empty for none.
@@ -133,7 +141,8 @@ def default_reproduce_config() -> ml_collections.ConfigDict:
   continue_on_error: record a failing or unavailable attack and go on, instead of stopping.
   """
   config = default_config()
-  del config.attack
+  del config["attack"]
+  del config["n_examples"]  # An int there; a per-attack ConfigDict here.
   config.attacks = catalog.DEEPSEC_ATTACKS
   config.default_n_examples = 1000
   config.n_examples = ml_collections.ConfigDict({name: 1000 for name in catalog.DEEPSEC_ATTACKS})
@@ -264,13 +273,51 @@ class Context(NamedTuple):
   load_time_s: float
 
 
+_CONTEXT_CACHE: collections.OrderedDict[tuple, Context] = collections.OrderedDict()
+_CONTEXT_CACHE_SIZE = 2
+
+
+def _stamp(path: str) -> int:
+  """The newest modification time under ``path`` (0 if it does not exist)."""
+  if not path or not os.path.exists(path):
+    return 0
+  if os.path.isfile(path):
+    return os.stat(path).st_mtime_ns
+  return max([os.stat(path).st_mtime_ns] + [
+      os.stat(os.path.join(root, f)).st_mtime_ns
+      for root, _, files in os.walk(path) for f in files])
+
+
+def clear_context_cache() -> None:
+  """Forgets the models and datasets :func:`load_context` keeps for reuse."""
+  _CONTEXT_CACHE.clear()
+
+
 def load_context(config: ml_collections.ConfigDict) -> Context:
   """Loads the dataset split (first, for a clear error when it is missing) and the model.
+
+  The last two contexts are kept in memory (keyed by the weights, their modification time,
+  the model, the dataset and the split), so several attacks in one process share one
+  ``logits_fn`` and its compiled functions; :func:`clear_context_cache` drops them.
 
   Raises:
     advtrace.data.DatasetNotFoundError: the dataset is not available.
     ValueError / FileNotFoundError: missing or unsuitable weights.
   """
+  weights = os.path.abspath(config.weights) if config.weights else ""
+  key = (weights, _stamp(weights), config.model, str(config.dataset),
+         _stamp(str(config.dataset)), config.split, config.data_dir, int(config.eval_batch_size))
+  if key in _CONTEXT_CACHE:
+    _CONTEXT_CACHE.move_to_end(key)
+    return _CONTEXT_CACHE[key]
+  context = _load_context(config)
+  _CONTEXT_CACHE[key] = context
+  while len(_CONTEXT_CACHE) > _CONTEXT_CACHE_SIZE:
+    _CONTEXT_CACHE.popitem(last=False)
+  return context
+
+
+def _load_context(config: ml_collections.ConfigDict) -> Context:
   t0 = time.perf_counter()
   ds = data.load(config.dataset, config.split, config.data_dir)
   if not config.weights:
@@ -571,6 +618,12 @@ def _device() -> dict[str, Any]:
           "count": jax.device_count(), "cpu_count": os.cpu_count()}
 
 
+def _cell(text: str, limit: int = 200) -> str:
+  """Makes free text safe for one Markdown table cell."""
+  text = " ".join(str(text).split()).replace("|", "/")
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _fmt(value, spec: str = ".4f") -> str:
   return "n/a" if value is None else format(value, spec)
 
@@ -779,7 +832,7 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
         f"| {r['attack']} | {r['threat']} | {r['n_examples'] or '-'} | "
         f"{_fmt(r['attack_success_rate'], '.1f')} | {_fmt(r['paper_asr'], '.1f')} | {delta} | "
         f"{_fmt(r['mean_l2_successful'], '.3f')} | {_fmt(r['attack_time_s'], '.1f')} | "
-        f"{r['status']} |")
+        f"{_cell(r['status'])} |")
   gaps = [r["attack"] for r in summary["rows"] if r["gap"]]
   lines += ["", f"Flagged gaps: {', '.join(gaps) if gaps else 'none'}.",
             f"Device: {summary['device']['kind']} ({summary['device']['cpu_count']} CPU cores). "
@@ -802,7 +855,8 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
 
 
 __all__ = [
-    "Context", "PAPER_TABLE1_ASR", "attack_config", "deepsec_candidates", "default_config",
+    "Context", "PAPER_TABLE1_ASR", "attack_config", "clear_context_cache", "deepsec_candidates",
+    "default_config",
     "default_reproduce_config", "load_context", "reproduce_attacks", "resolve_attack",
     "results_markdown", "run_attack", "summary_markdown", "summary_rows",
 ]

@@ -23,7 +23,7 @@ The leading 1 is the query of the starting point. SPSA does not make it (cleverh
 after each update); SimBA always needs it, for the starting probability. It is made only when at
 least one step can follow it, so an example that cannot move (``eps`` or SimBA's ``step_size``
 is 0, zero steps, or a budget too small for one step) makes no query at all and is returned
-unchanged.
+unchanged (SPSA: at its random start, which costs no query).
 
 All attacks batch a per-example step with ``loop.run`` (vmap + jit). The probes of one example go
 to ``logits_fn`` as one batch, so under vmap the model sees ``(batch, probes, H, W, C)``.
@@ -41,7 +41,11 @@ import numpy as np
 import optax
 
 from advtrace._src import checks
-from advtrace._src.attacks import base, loop, losses, projections
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import loop
+from advtrace._src.attacks import losses
+from advtrace._src.attacks import projections
 
 _NO_LIMIT = int(np.iinfo(np.int32).max)
 _NORMS = ("linf", "l2")
@@ -66,7 +70,7 @@ def _probe_losses(logits_fn, loss: str, probes: jax.Array, label, targeted) -> j
   return jax.vmap(lambda z: LOSSES[loss](z, label, targeted))(logits)
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(xla.jit, static_argnums=(0,))
 def _batch_logits(logits_fn, x: jax.Array) -> jax.Array:
   """One query per example (the starting point), jitted once per ``logits_fn`` and shape."""
   return logits_fn(x)
@@ -107,6 +111,12 @@ def _max_steps(budget: np.ndarray, start: int, cost: int, num_steps: int | None)
     raise ValueError("Give max_queries or num_steps: without either the attack never stops.")
   affordable = int(max(0, (int(budget.max()) - start) // cost))
   return affordable if num_steps is None else min(affordable, num_steps)
+
+
+def _same_types(new, old):
+  """Casts every leaf of the new state to the old leaf's dtype (fused loops need a fixed carry;
+  e.g. a bfloat16 image plus a float32 step would otherwise become float32)."""
+  return jax.tree.map(lambda n, o: n.astype(o.dtype), new, old)
 
 
 def _steps_cap(num_steps: int | None) -> int:
@@ -194,7 +204,8 @@ def _spsa_step(logits_fn, cfg: _SPSAConfig, s: _SPSAState) -> _SPSAState:
     queries = queries + 1
     active = active & ~base.is_success(logits, s.label, s.targeted)
   active = active & (queries + _spsa_cost(cfg) <= s.budget)
-  return s._replace(x_adv=x_adv, opt_state=opt_state, key=key, queries=queries, active=active)
+  return _same_types(s._replace(x_adv=x_adv, opt_state=opt_state, key=key, queries=queries,
+                                active=active), s)
 
 
 def spsa(
@@ -295,7 +306,7 @@ def spsa(
                        iterations=state.iteration, queries=state.queries)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 9))
+@functools.partial(xla.jit, static_argnums=(0, 3, 9))
 def _spsa_init(cfg, x, labels, targeted, eps, learning_rate, delta, keys, budget, random_start):
   def one(xi, ki, eps_i, lr_i):
     kstart, kloop = jax.random.split(ki)
@@ -389,7 +400,8 @@ def _nes_step(logits_fn, cfg: _NESConfig, s: _NESState) -> _NESState:
     queries = queries + 1
     active = active & ~base.is_success(logits, s.label, s.targeted)
   active = active & (queries + _nes_cost(cfg) <= s.budget)
-  return s._replace(x_adv=x_adv, grad=grad, key=key, queries=queries, active=active)
+  return _same_types(s._replace(x_adv=x_adv, grad=grad, key=key, queries=queries, active=active),
+                     s)
 
 
 def nes(
@@ -427,11 +439,11 @@ def nes(
 
   Settings. Ilyas et al. (query-limited, ImageNet): ``sigma=0.001, num_samples=25`` (50 queries
   per estimate), ``eps=0.05, step_size=0.01``, Linf. ``rmin2000/adv_tracing: attacks/nes.py``:
-  L2, ``eps=1.0, step_size=0.01, sigma=0.01, num_samples=15``, CE loss, 10,000 loss queries
-  (30 per step; its own count leaves out the early-stop checks and lets the last step overshoot
-  the budget by up to 29). To give the same number of steps here (333 within the budget) use
-  ``max_queries=1 + 333 * 31`` with ``early_stop=True``. Its estimate sums over pairs and
-  divides by ``4 sigma``; the step direction is the same, because the L2 step normalises it.
+  L2, ``eps=1.0, step_size=0.01, sigma=0.01, num_samples=15``, CE loss, "10,000 loss queries"
+  (30 per step). Its count leaves out the early-stop checks, and it tests ``queries < 10,000``
+  before each step, so it runs 334 steps (10,020 loss queries). The same 334 steps here:
+  ``max_queries=1 + 334 * 31`` (10,355) with ``early_stop=True``. Its estimate sums over pairs
+  and divides by ``4 sigma``; the step direction is the same, because the L2 step normalises it.
 
   Args:
     logits_fn: batched model, NHWC images to logits.
@@ -502,7 +514,7 @@ def _start_state(early_stop, eps, budget, cost, cap, logits0, labels, targeted):
   return queries, active
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(xla.jit, static_argnums=(0, 3))
 def _nes_init(cfg, x, labels, targeted, eps, step_size, sigma, keys, budget, logits0, cap):
   queries, active = _start_state(cfg.early_stop, eps, budget, _nes_cost(cfg), cap, logits0,
                                  labels, targeted)
@@ -610,7 +622,8 @@ def _bandits_step(logits_fn, cfg: _BanditsConfig, s: _BanditsState) -> _BanditsS
     queries = queries + 1
     active = active & ~base.is_success(logits, s.label, s.targeted)
   active = active & (queries + _bandits_cost(cfg) <= s.budget)
-  return s._replace(x_adv=x_adv, prior=prior, key=key, queries=queries, active=active)
+  return _same_types(s._replace(x_adv=x_adv, prior=prior, key=key, queries=queries,
+                                active=active), s)
 
 
 def bandits(
@@ -741,7 +754,7 @@ def bandits(
                        iterations=state.iteration, queries=state.queries)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3))
+@functools.partial(xla.jit, static_argnums=(0, 3))
 def _bandits_init(cfg, x, labels, targeted, eps, image_lr, online_lr, exploration, fd_eta, keys,
                   budget, logits0, cap):
   queries, active = _start_state(cfg.early_stop, eps, budget, _bandits_cost(cfg), cap, logits0,
@@ -800,9 +813,9 @@ def simba_order(key: jax.Array, shape, basis: str, freq_dim: int = 1,
   v = np.arange(width)[None, :, None]
   level = np.maximum(u, v) + np.zeros((1, 1, channels), np.int64)
   band = np.where(level < freq_dim, 0, 1 + (level - freq_dim) // stride).reshape(-1)
-  # Random order within each band: sort by band, ties broken by uniform noise.
+  # Random order within each band: sort by band, then by uniform noise.
   noise = jax.random.uniform(key, (size,))
-  return jnp.argsort(jnp.asarray(band, jnp.float32) + noise).astype(jnp.int32)
+  return jnp.lexsort((noise, jnp.asarray(band, jnp.int32))).astype(jnp.int32)
 
 
 def _simba_direction(basis: str, index: jax.Array, shape, dtype) -> jax.Array:
@@ -866,7 +879,7 @@ def _simba_step(logits_fn, cfg: _SimBAConfig, s: _SimBAState) -> _SimBAState:
   active = s.active & (queries < s.budget) & (s.iteration + 1 < s.cap)
   if cfg.early_stop:
     active = active & ~(accepted & base.is_success(logits[pick], s.label, s.targeted))
-  return s._replace(delta=delta, prob=prob, queries=queries, active=active)
+  return _same_types(s._replace(delta=delta, prob=prob, queries=queries, active=active), s)
 
 
 def simba(
@@ -909,8 +922,9 @@ def simba(
   ``simba_single`` is followed (left first, right only if needed).
 
   Settings. Guo et al. (ImageNet): ``step_size=0.2``, pixel or DCT with ``freq_dim=28`` (1/8 of
-  224), ``stride=7``. Tracing (ART defaults): ``step_size=0.1, num_iters=3000``, pixel (or DCT with
-  ``freq_dim=4, stride=1``), labels = the model's predictions.
+  224), ``stride=7``. Tracing (ART defaults): ``step_size=0.1, num_iters=3000,
+  max_queries=None``, pixel (or DCT with ``freq_dim=4, stride=1``), labels = the model's
+  predictions.
 
   Args:
     logits_fn: batched model, NHWC images to logits (SimBA uses their softmax).
@@ -963,7 +977,7 @@ def simba(
                        iterations=state.iteration, queries=state.queries)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 9, 10))
+@functools.partial(xla.jit, static_argnums=(0, 3, 9, 10))
 def _simba_init(cfg, x, labels, targeted, step_size, keys, budget, logits0, cap, freq_dim,
                 stride):
   batch = x.shape[0]

@@ -111,8 +111,9 @@ def _table7(eps: float, step: float, om: Settings, cw_binary_steps: int) -> dict
 TABLE7_MNIST = _table7(
     _EPS_MNIST, 0.05,
     om={"initial_const": 0.02, "binary_search_steps": 4,  # [paper] Table VII MNIST
-        "learning_rate": 0.2, "noise_count": 20, "noise_magnitude": 0.3,  # [paper] Table VII
+        "learning_rate": 0.2, "noise_count": 20, "noise_mag": 0.3,  # [paper] Table VII
         "max_iterations": 10000, "kappa": 0.0,  # [code] OM_Generation.py defaults
+        "noise_scaling": "linf", "decision_rule": "point",  # [code] DEEPSEC OptMargin.py
         "abort_early": False},  # [code] DEEPSEC OptMargin.py has no early abort
     cw_binary_steps=10)  # [code] CW2_Generation.py search_steps (Table VII MNIST silent)
 
@@ -120,8 +121,9 @@ TABLE7_CIFAR10 = _table7(
     _EPS_CIFAR, 0.01,
     om={"initial_const": 1.0, "binary_search_steps": 4,  # [paper] Table VII CIFAR-10
         "learning_rate": 0.02, "noise_count": 20,  # [paper] Table VII CIFAR-10
-        "noise_magnitude": 0.3,  # [paper] Table VII (code: 0.03137255, see deepsec_code)
+        "noise_mag": 0.3,  # [paper] Table VII (code: 0.03137255, see deepsec_code)
         "max_iterations": 10000, "kappa": 0.0,  # [code] OM_Generation.py defaults
+        "noise_scaling": "linf", "decision_rule": "point",  # [code] DEEPSEC OptMargin.py
         "abort_early": False},  # [code] DEEPSEC OptMargin.py has no early abort
     cw_binary_steps=10)  # [paper] Table VII CIFAR-10
 
@@ -132,7 +134,7 @@ def _deepsec_code(table7: Mapping[str, Settings], *, fool_rate: float,
   table = {k: copy.deepcopy(v) for k, v in table7.items() if k not in ("bpda", "spsa")}
   table["uap"]["fool_rate"] = fool_rate  # [code] Attacks/README.md UAP command
   table["uap"]["deepsec_dr"] = True  # [code] UAP.py adds DeepFool's r without the overshoot
-  table["om"]["noise_magnitude"] = om_noise  # [code] Attacks/README.md OM command
+  table["om"]["noise_mag"] = om_noise  # [code] Attacks/README.md OM command
   table["ead"]["binary_search_steps"] = 5  # [code] EAD_Generation.py search_steps default
   table["deepfool"]["deepsec_extra_step"] = True  # [code] DEEPFOOL.py updates once more
   return table
@@ -163,12 +165,14 @@ TRACING_BLACKBOX: dict[str, Settings] = {
     "simba_dct": {"step_size": 0.1, "num_iters": 3000, "max_queries": 6001, "freq_dim": 4,
                   "stride": 1},
     # [code] hsj.py = ART 1.10.3 HopSkipJump defaults: L2, max_iter 50, max_eval 10,000,
-    # init_eval 100, init_size 100 (batch 64 only sets throughput).
-    "hsj": {"max_iter": 50, "max_eval": 10000, "init_eval": 100, "init_size": 100},
+    # init_eval 100, init_size 100, no query budget (ART's batch 64 only sets throughput).
+    "hsj": {"norm": "l2", "num_iterations": 50, "max_num_evals": 10000, "init_num_evals": 100,
+            "init_size": 100, "max_queries": None},
     # [code] signopt.py: alpha 0.2, beta 0.001, k = 200 sign queries, 10 random initial
-    # directions, <= 1500 iterations, 10,000 queries; success only if ||delta||_2 < 1.
+    # directions, <= 1500 iterations, 10,000 queries; success only if ||delta||_2 < 1
+    # (epsilon). The code does not clip to [0, 1]; ours does [ours] (tracing.md §8.11).
     "sign_opt": {"alpha": 0.2, "beta": 0.001, "k": 200, "num_directions": 10,
-                 "max_iter": 1500, "max_queries": 10000},
+                 "num_iterations": 1500, "max_queries": 10000, "epsilon": 1.0},
     # [ours] tracing.md §8.12: a white-box reference attack on the source copy (not in the code).
     "pgd_l2": {"eps": 1.0, "step_size": 0.1, "num_steps": 50, "random_start": True},  # [ours]
 }

@@ -44,7 +44,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from advtrace._src import checks
-from advtrace._src.attacks import base, hopskipjump, loop
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import hopskipjump
+from advtrace._src.attacks import loop
+from advtrace._src.attacks.hopskipjump import l2_norm
+from advtrace._src.attacks.hopskipjump import pairwise_sum
+from advtrace._src.attacks.hopskipjump import random_normal
 
 _LINE_SEARCH_TRIALS = 15
 _MAX_SHRINK = 1000
@@ -80,7 +86,7 @@ class _State(NamedTuple):
 
 
 def _unit(v):
-  return v / jnp.maximum(jnp.sqrt(jnp.sum(v * v)), 1e-12)
+  return v / jnp.maximum(l2_norm(v), 1e-12)
 
 
 def _point(cfg, x, lbd, theta):
@@ -186,16 +192,17 @@ def _sign_gradient(logits_fn, cfg, s: _State, key):
 
   def body(c):
     i, total = c
-    u = jax.random.normal(jax.random.fold_in(key, i), (chunk,) + s.x.shape, s.x.dtype)
-    u = u / jnp.sqrt(jnp.sum(u * u, axis=(1, 2, 3), keepdims=True))
+    u = random_normal(jax.random.fold_in(key, i), (chunk,) + s.x.shape, s.x.dtype)
+    u = u / l2_norm(u, 3)[:, None, None, None]
     new_theta = s.theta + s.beta * u
-    new_theta = new_theta / jnp.sqrt(jnp.sum(new_theta ** 2, axis=(1, 2, 3), keepdims=True))
+    new_theta = new_theta / l2_norm(new_theta, 3)[:, None, None, None]
     images = jnp.clip(s.x + s.g * new_theta, cfg.clip_min, cfg.clip_max)
     adv = hopskipjump.decide(logits_fn, images, s.label, cfg.targeted, cfg.clip_min,
                              cfg.clip_max)
     sign = jnp.where(adv, -1.0, 1.0)
     used = (i * chunk + jnp.arange(chunk)) < n
-    return i + 1, total + jnp.tensordot(jnp.where(used, sign, 0.0), u, 1)
+    signed = jnp.where(used, sign, 0.0)[:, None, None, None] * u
+    return i + 1, total + pairwise_sum(jnp.moveaxis(signed, 0, -1), 1)
 
   _, total = jax.lax.while_loop(cond, body, (jnp.int32(0), jnp.zeros_like(s.x)))
   return total / cfg.k, s.queries + jnp.maximum(n, 0)
@@ -240,7 +247,7 @@ def _line_search(logits_fn, cfg, s: _State, sign_grad, q):
 
 def _distance(cfg, x, g, theta):
   d = _point(cfg, x, g, theta) - x
-  return jnp.sqrt(jnp.sum(d * d))
+  return l2_norm(d)
 
 
 def _step(logits_fn, cfg: _Config, s: _State) -> _State:
@@ -271,8 +278,8 @@ def _init_one(logits_fn, cfg, num: int, use_starts: bool, x, label, starts, key,
     if use_starts:
       raw = starts[i] - x
     else:
-      raw = jax.random.normal(jax.random.fold_in(key, i), x.shape, x.dtype)
-    lbd0 = jnp.sqrt(jnp.sum(raw * raw))
+      raw = random_normal(jax.random.fold_in(key, i), x.shape, x.dtype)
+    lbd0 = l2_norm(raw)
     theta = raw / jnp.maximum(lbd0, 1e-12)
     g, q = _initial_search(logits_fn, cfg, x, label, theta, lbd0, best_g, q, budget)
     better = g < best_g
@@ -283,7 +290,7 @@ def _init_one(logits_fn, cfg, num: int, use_starts: bool, x, label, starts, key,
   return theta, g, q
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+@functools.partial(xla.jit, static_argnums=(0, 1, 2))
 def _init(logits_fn, cfg: _Config, num_directions: int, x, labels, starts, keys, alpha, beta,
           epsilon, budget) -> _State:
   k_init = jax.vmap(jax.random.fold_in, (0, None))(keys, 0)
@@ -299,12 +306,12 @@ def _init(logits_fn, cfg: _Config, num_directions: int, x, labels, starts, keys,
                 active=jnp.isfinite(g) & (q < budget), iteration=jnp.zeros_like(q))
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(xla.jit, static_argnums=(0,))
 def _output(cfg: _Config, x, theta, g, epsilon):
   found = jnp.isfinite(g)
   x_adv = jax.vmap(lambda xi, ti, gi: _point(cfg, xi, jnp.where(jnp.isfinite(gi), gi, 0.0),
                                              ti))(x, theta, g)
-  dist = jax.vmap(lambda a, b: jnp.sqrt(jnp.sum((a - b) ** 2)))(x_adv, x)
+  dist = jax.vmap(lambda a, b: l2_norm(a - b))(x_adv, x)
   keep = found & ((epsilon == 0) | (dist < epsilon))
   return jnp.where(keep[:, None, None, None], x_adv, x)
 

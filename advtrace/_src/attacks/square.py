@@ -30,7 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from advtrace._src.attacks import base, loop, losses
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import loop
+from advtrace._src.attacks import losses
+from advtrace._src.attacks.hopskipjump import l2_norm
+from advtrace._src.attacks.hopskipjump import pairwise_sum
+from advtrace._src.attacks.hopskipjump import random_uniform
 
 LOSSES = {"margin": losses.margin, "ce": losses.cross_entropy}
 SQUARE_NORMS = ("linf", "l2")
@@ -43,7 +49,6 @@ class _Config(NamedTuple):
   loss: str
   targeted: bool
   p_init: float
-  schedule: tuple[int, ...]  # iteration indices at which p halves
   clip_min: float
   clip_max: float
 
@@ -53,6 +58,7 @@ class _State(NamedTuple):
   x_best: jax.Array
   label: jax.Array
   eps: jax.Array
+  schedule: jax.Array  # int32[9]: iterations at which p halves (from the budget)
   loss_min: jax.Array
   margin_min: jax.Array
   key: jax.Array
@@ -71,14 +77,18 @@ def schedule_thresholds(n_iters: int) -> tuple[int, ...]:
   return tuple(-(-(b + 1) * n_iters // 10000) for b in _SCHEDULE_BOUNDS)
 
 
-def p_selection(p_init: float, iteration: jax.Array, schedule: tuple[int, ...]) -> jax.Array:
-  """The fraction of pixels the square covers at ``iteration`` (0-based, after the init query)."""
-  halvings = sum((iteration >= t).astype(jnp.int32) for t in schedule)
+def p_selection(p_init: float, iteration: jax.Array, schedule) -> jax.Array:
+  """The fraction of pixels the square covers at ``iteration`` (0-based, after the init query).
+
+  ``schedule`` is :func:`schedule_thresholds` of the budget (as an array of 9 ints).
+  """
+  schedule = jnp.asarray(schedule, jnp.int32)
+  halvings = jnp.sum(jnp.asarray(iteration)[..., None] >= schedule, axis=-1)
   return p_init / (2.0 ** halvings.astype(jnp.float32))
 
 
 def _signs(u: jax.Array, dtype) -> jax.Array:
-  """Rademacher signs from uniforms (one random-bits call per step keeps compiles small)."""
+  """Rademacher signs from uniforms (one random draw per step keeps compiles small)."""
   return jnp.where(u < 0.5, -1.0, 1.0).astype(dtype)
 
 
@@ -107,14 +117,14 @@ def _losses(cfg: _Config, logits_fn, x, label):
 def _linf_init(cfg: _Config, x, eps, key):
   """Vertical stripes: one random sign per (column, channel), constant along each column."""
   _, w, c = x.shape
-  signs = _signs(jax.random.uniform(key, (1, w, c)), x.dtype)
+  signs = _signs(random_uniform(key, (1, w, c)), x.dtype)
   return jnp.clip(x + eps * signs, cfg.clip_min, cfg.clip_max)
 
 
 def _linf_proposal(cfg: _Config, s: _State):
   h, w, c = s.x.shape
   u = jax.random.uniform(jax.random.fold_in(s.key, s.iteration), (2 + _NUM_TRIES * c,))
-  p = p_selection(cfg.p_init, s.iteration, cfg.schedule)
+  p = p_selection(cfg.p_init, s.iteration, s.schedule)
   side = jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32)
   side = jnp.clip(side, 1, min(h, w) - 1)
   top, left = _randint(u[0], h - side), _randint(u[1], w - side)
@@ -151,7 +161,7 @@ def _pseudo_gaussian(a, b, rows, cols, table):
   d = jnp.maximum(jnp.abs(a - rows // 2), jnp.abs(b - cols // 2))
   last = table.shape[0] - 1
   v = jnp.where(valid, table[jnp.clip(k_max, 0, last)] - table[jnp.clip(d, 0, last)], 0.0)
-  return v / jnp.maximum(jnp.sqrt(jnp.sum(v * v)), 1e-12)
+  return v / jnp.maximum(l2_norm(v), 1e-12)
 
 
 def _meta_pattern(side, n: int, table) -> jax.Array:
@@ -165,7 +175,7 @@ def _meta_pattern(side, n: int, table) -> jax.Array:
   top = _pseudo_gaussian(i, j, half, side, table)
   bottom = _pseudo_gaussian(i - half, j, side - half, side, table)
   m = top - bottom
-  return m / jnp.maximum(jnp.sqrt(jnp.sum(m * m)), 1e-12)
+  return m / jnp.maximum(l2_norm(m), 1e-12)
 
 
 def _place(pattern, transpose, h: int, w: int, top, left) -> jax.Array:
@@ -186,7 +196,7 @@ def _l2_init(cfg: _Config, x, eps, key):
   nbh, nbw = h // side, w // side
   table = _square_sum_table(max(h, w) + 1)
   pattern = _meta_pattern(side, side, table)  # static size
-  u = jax.random.uniform(key, (nbh, nbw, 1 + c))
+  u = random_uniform(key, (nbh, nbw, 1 + c))
   transpose = u[..., 0] < 0.5
   signs = _signs(u[..., 1:], x.dtype)
   # Static block layout: block index and offset of every pixel (blocks may run off the image).
@@ -201,7 +211,7 @@ def _l2_init(cfg: _Config, x, eps, key):
   value = jnp.where(t, pattern[oj[None, :], oi[:, None]], pattern[oi[:, None], oj[None, :]])
   valid = jnp.asarray(valid_r[:, None] & valid_c[None, :])
   delta = jnp.where(valid, value, 0.0)[..., None] * signs[bi[:, None], bj[None, :]]
-  delta = delta / jnp.maximum(jnp.sqrt(jnp.sum(delta * delta)), 1e-12) * eps
+  delta = delta / jnp.maximum(l2_norm(delta), 1e-12) * eps
   return jnp.clip(x + delta, cfg.clip_min, cfg.clip_max)
 
 
@@ -209,7 +219,7 @@ def _l2_proposal(cfg: _Config, s: _State):
   h, w, c = s.x.shape
   n = min(h, w)
   u = jax.random.uniform(jax.random.fold_in(s.key, s.iteration), (5 + c,))
-  p = p_selection(cfg.p_init, s.iteration, cfg.schedule)
+  p = p_selection(cfg.p_init, s.iteration, s.schedule)
   side = jnp.maximum(jnp.round(jnp.sqrt(p * h * w)).astype(jnp.int32), 3)
   side = side + (side % 2 == 0)
   side = jnp.minimum(side, n - 1)
@@ -219,9 +229,9 @@ def _l2_proposal(cfg: _Config, s: _State):
   win2 = _window(h, w, top2, left2, side)
 
   delta = s.x_best - s.x
-  sq = lambda a: jnp.sum(a * a, axis=(0, 1))  # per-channel sum of squares  # noqa: E731
+  sq = lambda a: pairwise_sum(jnp.moveaxis(a * a, -1, 0), 2)  # per channel
   norms_window1 = jnp.sqrt(sq(jnp.where(win1, delta, 0.0)))
-  norm_image = jnp.sqrt(jnp.sum(delta * delta))
+  norm_image = l2_norm(delta)
   norms_windows = jnp.sqrt(sq(jnp.where(win1 | win2, delta, 0.0)))
 
   table = _square_sum_table(n + 1)
@@ -232,7 +242,7 @@ def _l2_proposal(cfg: _Config, s: _State):
   new = new / jnp.maximum(jnp.sqrt(sq(new)), 1e-12) * jnp.sqrt(budget)
   delta = jnp.where(win2, 0.0, delta)
   delta = jnp.where(win1, new, delta)
-  delta = delta / jnp.maximum(jnp.sqrt(jnp.sum(delta * delta)), 1e-12) * s.eps
+  delta = delta / jnp.maximum(l2_norm(delta), 1e-12) * s.eps
   return jnp.clip(s.x + delta, cfg.clip_min, cfg.clip_max)
 
 
@@ -253,13 +263,14 @@ def _step(logits_fn, cfg: _Config, s: _State) -> _State:
       active=margin_min > 0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _init(logits_fn, cfg: _Config, x, labels, eps, keys) -> _State:
+@functools.partial(xla.jit, static_argnums=(0, 1))
+def _init(logits_fn, cfg: _Config, x, labels, eps, schedule, keys) -> _State:
   init = _linf_init if cfg.norm == "linf" else _l2_init
   x_best = jax.vmap(functools.partial(init, cfg))(x, eps, keys)
   loss, margin = jax.vmap(functools.partial(_losses, cfg, logits_fn))(x_best, labels)
   batch = x.shape[0]
-  return _State(x=x, x_best=x_best, label=labels, eps=eps, loss_min=loss, margin_min=margin,
+  return _State(x=x, x_best=x_best, label=labels, eps=eps, schedule=schedule, loss_min=loss,
+                margin_min=margin,
                 key=jax.vmap(jax.random.fold_in, (0, None))(keys, 1),
                 queries=jnp.ones((batch,), jnp.int32), active=margin > 0,
                 iteration=jnp.zeros((batch,), jnp.int32))
@@ -344,9 +355,10 @@ def square_attack(
     zeros = jnp.zeros((batch,), jnp.int32)
     return base.finalize(logits_fn, x, x, labels, targeted=targeted, iterations=zeros,
                          queries=zeros)
-  cfg = _Config(norm, loss, bool(targeted), float(p_init), schedule_thresholds(int(max_queries)),
-                float(clip_min), float(clip_max))
-  state = _init(logits_fn, cfg, x, labels, eps, keys)
+  cfg = _Config(norm, loss, bool(targeted), float(p_init), float(clip_min), float(clip_max))
+  schedule = jnp.broadcast_to(jnp.asarray(schedule_thresholds(int(max_queries)), jnp.int32),
+                              (batch, len(_SCHEDULE_BOUNDS)))
+  state = _init(logits_fn, cfg, x, labels, eps, schedule, keys)
   state = loop.run(_step, logits_fn, cfg, state, int(max_queries) - 1, loop=loop_mode)
   return base.finalize(logits_fn, x, state.x_best, labels, targeted=targeted,
                        iterations=state.iteration, queries=state.queries)

@@ -24,8 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from advtrace._src import batching, checks
-from advtrace._src.attacks import base, deepfool, projections
+from advtrace._src import batching
+from advtrace._src import checks
+from advtrace._src import xla
+from advtrace._src.attacks import base
+from advtrace._src.attacks import deepfool
+from advtrace._src.attacks import projections
 
 UAP_NORMS = ("linf", "l2")
 
@@ -58,7 +62,7 @@ class _Config(NamedTuple):
   clip_max: float
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(xla.jit, static_argnums=(0, 1))
 def _uap_pass(logits_fn, cfg: _Config, v, xs, preds, eps, overshoot):
   """One sequential pass of the UAP algorithm over ``xs`` (in the given order)."""
 
@@ -83,12 +87,12 @@ def _uap_pass(logits_fn, cfg: _Config, v, xs, preds, eps, overshoot):
   return v, updates
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(xla.jit, static_argnums=(0,))
 def _predict(logits_fn, x):
   return jnp.argmax(logits_fn(x), axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+@functools.partial(xla.jit, static_argnums=(0, 3, 4))
 def _predict_perturbed(logits_fn, x, v, clip_min, clip_max):
   return jnp.argmax(logits_fn(jnp.clip(x + v, clip_min, clip_max)), axis=-1).astype(jnp.int32)
 
@@ -253,7 +257,7 @@ def uap(
   return v, info
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
+@functools.partial(xla.jit, static_argnums=(2, 3))
 def _apply(x, v, clip_min, clip_max):
   return jnp.clip(x + v, clip_min, clip_max).astype(x.dtype)
 

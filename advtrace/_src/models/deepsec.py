@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from advtrace._src.models import layers
 from advtrace._src.models.registry import register
 from advtrace._src.models.zoo import run_stages
 
@@ -60,7 +61,7 @@ class _ConvPool(nn.Module):
       x = nn.Conv(self.features, (3, 3), padding="VALID", kernel_init=_torch_kernel_init,
                   bias_init=_torch_bias_init(9 * x.shape[-1]), name=name)(x)
       x = nn.relu(x)
-    return nn.max_pool(x, (2, 2), strides=(2, 2))
+    return layers.max_pool_2x2(x)
 
 
 @register("deepsec_mnist")

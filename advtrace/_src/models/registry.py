@@ -43,7 +43,8 @@ def register(name: str) -> Callable:
 
 def _populate() -> None:
   # Importing the model modules runs their @register decorators.
-  from advtrace._src.models import deepsec, zoo  # noqa: F401
+  from advtrace._src.models import deepsec  # noqa: F401
+  from advtrace._src.models import zoo  # noqa: F401
 
 
 def list_models() -> list[str]:

@@ -41,12 +41,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from advtrace._src.models import layers
 from advtrace._src.models.registry import register
 
 Stage = tuple[str, Callable[[jax.Array], jax.Array]]
@@ -108,8 +110,7 @@ def _pad_to(x: jax.Array, size: int) -> jax.Array:
                      (0, 0)))
 
 
-def _max_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, (2, 2), strides=(2, 2))
+_max_pool = layers.max_pool_2x2
 
 
 def _global_avg_pool(x: jax.Array) -> jax.Array:
