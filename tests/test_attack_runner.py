@@ -6,7 +6,6 @@ import dataclasses
 import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -15,13 +14,26 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 import pytest
-from conftest import deepsec_weights, repo_root, tfds_data_dir
+from conftest import deepsec_weights
+from conftest import repo_root
+from conftest import tfds_data_dir
 
-from advtrace._src import data, training
-from advtrace._src.attacks import catalog, gradient, runner
+from advtrace._src import data
+from advtrace._src import training
+from advtrace._src.attacks import catalog
+from advtrace._src.attacks import gradient
+from advtrace._src.attacks import runner
 from advtrace._src.models import registry
 
-jax.config.update("jax_disable_most_optimizations", True)  # compile time dominates here
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_compiles():
+  # Compile time dominates here. Module-scoped, and restored, so that other test modules in the
+  # same worker keep their numerics (a process-wide flag made decision-attack tests flaky).
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 
 N, BATCH = 10, 4  # three batches, the last one padded (4, 4, 2 + 2 padding rows)
 

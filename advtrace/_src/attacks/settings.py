@@ -6,7 +6,9 @@ project notes):
 - ``table7_mnist`` / ``table7_cifar10``: seed-003 Table VII (copied from DEEPSEC) wherever it
   states a value, DEEPSEC's code where it is silent (CW2 MNIST binary steps, ILLC/TMIFGSM
   iterations, OM/CW2/EAD iterations, kappa, EAD's initial constant). BPDA and SPSA, which
-  seed-003 runs with Table VIII, take their Table VIII settings here too.
+  seed-003 runs with Table VIII, take their Table VIII settings here too. Our choices here
+  [ours]: CW2, EAD and OM use CW's early abort and SPSA stops an example once it is
+  adversarial (DEEPSEC's code has neither; the ``deepsec_code_*`` tables turn the abort off).
 - ``deepsec_code_mnist`` / ``deepsec_code_cifar10``: DEEPSEC's ``Attacks/README.md`` commands
   and argparse defaults exactly (UAP fool rate 0.35 / 0.9, EAD 5 binary steps, CIFAR OM noise
   magnitude 0.03137255, DeepFool's extra update). DEEPSEC has no BPDA or SPSA.
@@ -82,7 +84,8 @@ def _table7(eps: float, step: float, om: Settings, cw_binary_steps: int) -> dict
       "deepfool": {"overshoot": 0.02, "max_iter": 50},  # [paper] Table VII; L2 [code]
       "om": om,
       "bpda": copy.deepcopy(TABLE8["bpda"]),  # [paper] seed-003 runs BPDA with Table VIII
-      "spsa": copy.deepcopy(TABLE8["spsa"]),  # [paper] seed-003 runs SPSA with Table VIII
+      "spsa": {**TABLE8["spsa"],  # [paper] seed-003 runs SPSA with Table VIII
+               "early_stop": True},  # [ours] stop an example once it is adversarial
       # --- targeted
       "llc": {"eps": eps},  # [paper] Table VII; target = least-likely class [code]
       "rllc": {"eps": eps, "alpha": eps / 2},  # [paper] Table VII, as rfgsm
@@ -98,13 +101,13 @@ def _table7(eps: float, step: float, om: Settings, cw_binary_steps: int) -> dict
               "learning_rate": 0.02, "max_iterations": 10000,  # [paper] Table VII
               "initial_const": 1e-3,  # [paper] Table VII
               "kappa": 0.0,  # [code] CW2_Generation.py --confidence=0
-              "abort_early": False},  # [code] DEEPSEC CW2.py has no early abort
+              "abort_early": True},  # [ours] CW's own early abort; DEEPSEC has none
       "ead": {"binary_search_steps": 10,  # [paper] Table VII (code default: 5)
               "learning_rate": 0.02, "max_iterations": 10000,  # [paper] Table VII
               "beta": 1e-3,  # [paper] Table VII
               "initial_const": 1e-3,  # [code] EAD_Generation.py default (Table VII silent)
               "kappa": 0.0, "decision_rule": "en",  # [code] README: --confidence=0 --EN=True
-              "abort_early": False},  # [code] DEEPSEC EAD.py has no early abort
+              "abort_early": True},  # [ours] EAD's own early abort; DEEPSEC has none
   }
 
 
@@ -114,7 +117,7 @@ TABLE7_MNIST = _table7(
         "learning_rate": 0.2, "noise_count": 20, "noise_mag": 0.3,  # [paper] Table VII
         "max_iterations": 10000, "kappa": 0.0,  # [code] OM_Generation.py defaults
         "noise_scaling": "linf", "decision_rule": "point",  # [code] DEEPSEC OptMargin.py
-        "abort_early": False},  # [code] DEEPSEC OptMargin.py has no early abort
+        "abort_early": True},  # [ours] OM's (CW's) early abort; DEEPSEC has none
     cw_binary_steps=10)  # [code] CW2_Generation.py search_steps (Table VII MNIST silent)
 
 TABLE7_CIFAR10 = _table7(
@@ -124,7 +127,7 @@ TABLE7_CIFAR10 = _table7(
         "noise_mag": 0.3,  # [paper] Table VII (code: 0.03137255, see deepsec_code)
         "max_iterations": 10000, "kappa": 0.0,  # [code] OM_Generation.py defaults
         "noise_scaling": "linf", "decision_rule": "point",  # [code] DEEPSEC OptMargin.py
-        "abort_early": False},  # [code] DEEPSEC OptMargin.py has no early abort
+        "abort_early": True},  # [ours] OM's (CW's) early abort; DEEPSEC has none
     cw_binary_steps=10)  # [paper] Table VII CIFAR-10
 
 
@@ -137,6 +140,8 @@ def _deepsec_code(table7: Mapping[str, Settings], *, fool_rate: float,
   table["om"]["noise_mag"] = om_noise  # [code] Attacks/README.md OM command
   table["ead"]["binary_search_steps"] = 5  # [code] EAD_Generation.py search_steps default
   table["deepfool"]["deepsec_extra_step"] = True  # [code] DEEPFOOL.py updates once more
+  for name in ("cw2", "ead", "om"):
+    table[name]["abort_early"] = False  # [code] DEEPSEC's CW2.py, EAD.py, OM.py never abort
   return table
 
 
@@ -155,9 +160,10 @@ TRACING_BLACKBOX: dict[str, Settings] = {
                 "convention": "blackboxbench", "loss": "ce", "early_stop": True,
                 "max_queries": 15001},
     # [code] nes.py: L2 eps 1, lr 0.01, fd_eta (sigma) 0.01, q = 15 antithetic pairs, CE;
-    # 10,000 loss queries at 30 per step = 333 steps, i.e. 1 + 333 * 31 counted queries here.
+    # The reference checks ``queries < 10000`` before each step of 30 loss queries, so it runs
+    # 334 steps, i.e. 1 + 334 * 31 counted queries here (each iterate's check is counted).
     "nes": {"norm": "l2", "eps": 1.0, "step_size": 0.01, "sigma": 0.01, "num_samples": 15,
-            "loss": "ce", "early_stop": True, "max_queries": 1 + 333 * 31},
+            "loss": "ce", "early_stop": True, "max_queries": 1 + 334 * 31},
     # [code] simba.py = ART 1.10.3 SimBA: eps (step) 0.1, max_iter 3000, pixel basis; ART queries
     # both sides every iteration, so its budget is 2 x 3000 (+1 start query).
     "simba": {"step_size": 0.1, "num_iters": 3000, "max_queries": 6001},
