@@ -14,6 +14,7 @@ import pytest
 from advtrace._src.models import registry
 from advtrace._src.models import zoo
 
+
 @pytest.fixture(autouse=True, scope="module")
 def _fast_compiles():
   # Compile time dominates these tiny models and the numerics checked here do not depend on it;
