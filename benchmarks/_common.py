@@ -14,7 +14,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ import numpy as np
 
 from advtrace import data as adv_data
 from advtrace import models as adv_models
+from advtrace._src import atomic
 from advtrace._src import batching
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -142,32 +142,21 @@ def command_line() -> str:
   return " ".join(["python", *[a if " " not in a else repr(a) for a in sys.argv]])
 
 
-def _atomic_write(path: Path, text: str) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  _atomic_write(Path(path), text.rstrip("\n") + "\n")
+  atomic.write_text(Path(path), text.rstrip("\n") + "\n")
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-  _atomic_write(Path(path), json.dumps(obj, indent=2, default=float) + "\n")
+  atomic.write_text(Path(path), json.dumps(obj, indent=2, default=float) + "\n")
 
 
 def append_markdown(path: str | os.PathLike, section: str) -> None:
   """Appends ``section`` to the Markdown file at ``path`` (atomic rewrite)."""
   path = Path(path)
   old = path.read_text() if path.exists() else "# Benchmarks\n"
-  _atomic_write(path, old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
+  atomic.write_text(path, old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -13,6 +12,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from advtrace._src import atomic
 from advtrace._src import batching
 from advtrace._src import checks
 from advtrace._src import data
@@ -20,20 +20,6 @@ from advtrace._src import weights as weights_lib
 from advtrace._src import xla
 from advtrace._src.models import deepsec_weights
 from advtrace._src.models import registry
-
-
-def write_atomic(path: str | os.PathLike, payload: bytes) -> None:
-  """Writes ``payload`` to ``path`` via a temporary file in the same directory and a rename."""
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _check_deepsec_input(model: str, input_shape: tuple[int, ...], dataset: str) -> None:
@@ -146,7 +132,7 @@ def evaluate(
     logits_file = os.path.join(os.path.abspath(workdir), "logits.npy")
     buffer = io.BytesIO()
     np.save(buffer, logits.astype(np.float32))
-    write_atomic(logits_file, buffer.getvalue())
+    atomic.write_bytes(logits_file, buffer.getvalue())
   results = {
       "model": model,
       "dataset": ds.name,
@@ -162,9 +148,9 @@ def evaluate(
       "wall_time_s": time.perf_counter() - start_time,
       "logits_file": logits_file,
   }
-  write_atomic(os.path.join(workdir, "results.json"),
+  atomic.write_bytes(os.path.join(workdir, "results.json"),
                (json.dumps(results, indent=2) + "\n").encode())
-  write_atomic(os.path.join(workdir, "results.md"), _markdown(results).encode())
+  atomic.write_bytes(os.path.join(workdir, "results.md"), _markdown(results).encode())
   logging.info("%s on %s/%s: accuracy %.2f%% (%d/%d)", model, ds.name, split,
                results["accuracy"], n_correct, len(ds.labels))
   return results

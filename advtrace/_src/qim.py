@@ -35,12 +35,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from advtrace._src import atomic
 
 _V_MAX = 1.0 - 1e-6  # keeps v / (1 - v) finite at an exact attractor (D1)
 
@@ -131,21 +132,9 @@ def new_secret_key(key: jax.Array, num_messages: int, image_shape: tuple[int, ..
 
 def save_secret_key(path: str | os.PathLike, secret: SecretKey) -> None:
   """Writes the key atomically, readable by the owner only (mode 0600)."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-  try:
-    os.fchmod(fd, 0o600)
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, messages=np.asarray(secret.messages, np.uint8),
-               meta=np.frombuffer(json.dumps({"kind": "advtrace.qim.SecretKey"}).encode(),
-                                  np.uint8))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  meta = np.frombuffer(json.dumps({"kind": "advtrace.qim.SecretKey"}).encode(), np.uint8)
+  atomic.write_npz(path, {"messages": np.asarray(secret.messages, np.uint8), "meta": meta},
+                   mode=0o600)
 
 
 def load_secret_key(path: str | os.PathLike) -> SecretKey:

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -34,6 +34,7 @@ import numpy as np
 from absl import logging
 from matplotlib.figure import Figure
 
+from advtrace._src import atomic
 from advtrace._src import batching
 from advtrace._src import training
 from advtrace._src import xla
@@ -94,16 +95,9 @@ class Context:
     """Saves ``fig`` atomically as ``figures/<name>.png``; returns the path relative to workdir."""
     rel = f"figures/{name}.png"
     path = self.workdir / rel
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{name}.", suffix=".png")
-    try:
-      with os.fdopen(fd, "wb") as f:
-        fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-      os.replace(tmp, path)
-    except BaseException:
-      if os.path.exists(tmp):
-        os.remove(tmp)
-      raise
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    atomic.write_bytes(path, buffer.getvalue())
     return rel
 
 
@@ -249,8 +243,8 @@ def run(
   ]
   for part in parts:
     report += [f"## {part.title}", "", part.markdown.rstrip(), ""]
-  training.write_text_atomic(workdir / "report.md", "\n".join(report))
-  training.write_json_atomic(workdir / "results.json", results)
+  atomic.write_text(workdir / "report.md", "\n".join(report))
+  atomic.write_json(workdir / "results.json", results, sort_keys=True)
   logging.info("Quickstart done in %.1f s: test accuracy %.4f. Report: %s",
                results["wall_time_s"], results["test_accuracy"], workdir / "report.md")
   return results

@@ -24,7 +24,6 @@ import functools
 import json
 import os
 import pathlib
-import tempfile
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -40,6 +39,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from advtrace._src import atomic
 from advtrace._src import batching
 from advtrace._src import checks
 from advtrace._src import xla
@@ -388,32 +388,10 @@ def is_improvement(val_accuracy: float, best: float | None) -> bool:
 # ----------------------------------------------------------------------------- io helpers
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-  """Writes ``text`` to ``path`` via a temporary file in the same directory and os.replace."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes ``obj`` as indented JSON, atomically."""
-  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
 
 
-def _json_default(obj):
-  if isinstance(obj, (np.generic, jax.Array)):
-    return np.asarray(obj).tolist()
-  if isinstance(obj, ml_collections.ConfigDict):
-    return obj.to_dict()
-  raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -703,12 +681,12 @@ def _write_metadata(workdir: pathlib.Path, metadata: dict) -> None:
   file = workdir / _CHECKPOINT_DIR / _METADATA_FILE
   if file.is_file():
     old = json.loads(file.read_text())
-    if old != json.loads(json.dumps(metadata, default=_json_default)):
+    if old != json.loads(json.dumps(metadata, default=atomic.json_default)):
       raise ValueError(
           f"{str(workdir)!r} holds checkpoints of a different model ({old}); resuming them with "
           f"{metadata} would fail. Use a fresh --workdir.")
     return
-  write_json_atomic(file, metadata)
+  atomic.write_json(file, metadata, sort_keys=True)
 
 
 def _subset(images: np.ndarray, labels: np.ndarray, n: int):
@@ -773,8 +751,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
       "history": history,
       "config": config.to_dict(),
   }
-  write_json_atomic(workdir / "results.json", results)
-  write_text_atomic(workdir / "results.md", results_markdown(results))
+  atomic.write_json(workdir / "results.json", results, sort_keys=True)
+  atomic.write_text(workdir / "results.md", results_markdown(results))
   logging.info("Test accuracy of the best checkpoint (epoch %d): %.4f. Results in %s.",
                results["best_epoch"], results["test_accuracy"], workdir)
   return results

@@ -33,12 +33,10 @@ References:
 from __future__ import annotations
 
 import collections
-import io
 import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable
 from collections.abc import Mapping
@@ -51,6 +49,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from advtrace._src import atomic
 from advtrace._src import batching
 from advtrace._src import checks
 from advtrace._src import data
@@ -351,46 +350,18 @@ def _load_context(config: ml_collections.ConfigDict) -> Context:
 # ----------------------------------------------------------------------------- io
 
 
-def _write_atomic(path: str | os.PathLike, payload: bytes) -> None:
-  directory = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(payload)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
-def _json_default(obj):
-  if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
-    return np.asarray(obj).tolist()
-  if isinstance(obj, ml_collections.ConfigDict):
-    return obj.to_dict()
-  if isinstance(obj, tuple):
-    return list(obj)
-  raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _write_json(path, obj) -> None:
-  _write_atomic(path, (json.dumps(obj, indent=2, default=_json_default) + "\n").encode())
 
 
-def _write_npz(path, arrays: Mapping[str, np.ndarray]) -> None:
-  buffer = io.BytesIO()
-  np.savez(buffer, **arrays)
-  _write_atomic(path, buffer.getvalue())
 
 
-def _read_npz(path) -> dict[str, np.ndarray]:
-  with np.load(path, allow_pickle=False) as f:
-    return {k: f[k] for k in f.files}
 
 
 def _canonical(obj):
-  return json.loads(json.dumps(obj, default=_json_default))
+  return json.loads(json.dumps(obj, default=atomic.json_default))
 
 
 # ----------------------------------------------------------------------------- run_attack
@@ -476,7 +447,7 @@ def _prepare_workdir(workdir: str, fingerprint: dict[str, Any]) -> dict[str, Any
       with open(results) as f:
         return json.load(f)
   else:
-    _write_json(run_config, fingerprint)
+    atomic.write_json(run_config, fingerprint)
   return None
 
 
@@ -516,7 +487,7 @@ def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], cont
   call_kwargs = _call_kwargs(fn, spec, {**_split_kwargs(fn, kwargs), **extra}, config.loop_mode)
 
   partial_path = os.path.join(workdir, _PARTIAL)
-  saved = _read_npz(partial_path) if os.path.exists(partial_path) else {}
+  saved = atomic.read_npz(partial_path) if os.path.exists(partial_path) else {}
   n_done = int(saved["n_done"]) if saved else 0
   attack_time = float(saved["attack_time_s"]) if saved else 0.0
   parts = {k: [saved[k]] for k in _INFO_FIELDS + ("x_adv",)} if saved else {
@@ -547,7 +518,7 @@ def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], cont
     n_done += int(batch.mask.sum())
     merged = {k: np.concatenate(v) for k, v in parts.items()}
     parts = {k: [v] for k, v in merged.items()}
-    _write_npz(partial_path, {**merged, "n_done": np.int64(n_done),
+    atomic.write_npz(partial_path, {**merged, "n_done": np.int64(n_done),
                               "attack_time_s": np.float64(attack_time)})
     logging.info("%s: batch %d/%d done (%d/%d examples), ASR so far %.1f%%, %.2f s.", spec.name,
                  b + 1, num_batches, n_done, n, 100 * np.mean(merged["success"]), elapsed)
@@ -563,7 +534,7 @@ def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], cont
     adversarial["target"] = target
   if spec.query_based:
     adversarial["queries"] = arrays["queries"]
-  _write_npz(os.path.join(workdir, "adversarial.npz"), adversarial)
+  atomic.write_npz(os.path.join(workdir, "adversarial.npz"), adversarial)
 
   results = _metrics(arrays, y, spec)
   results = {
@@ -586,8 +557,8 @@ def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], cont
   }
   if uap_info is not None:
     results["uap"] = uap_info
-  _write_json(os.path.join(workdir, "results.json"), results)
-  _write_atomic(os.path.join(workdir, "results.md"), results_markdown(results).encode())
+  atomic.write_json(os.path.join(workdir, "results.json"), results)
+  atomic.write_bytes(os.path.join(workdir, "results.md"), results_markdown(results).encode())
   os.remove(partial_path)
   logging.info("%s on %s/%s: ASR %.2f%% over %d examples, mean L2 (successful) %s, %.1f s.",
                spec.name, context.model, ds.name, results["attack_success_rate"], n,
@@ -674,7 +645,7 @@ def _prepare(config, workdir, spec, kwargs, context: Context):
   """
   path = os.path.join(workdir, _UAP_FILE)
   if os.path.exists(path):
-    saved = _read_npz(path)
+    saved = atomic.read_npz(path)
     logging.info("%s: reusing the perturbation saved in %s.", spec.name, path)
     return {"perturbation": saved["perturbation"]}, json.loads(str(saved["info"]))
   fraction = float(config.uap_train_fraction)
@@ -697,7 +668,7 @@ def _prepare(config, workdir, spec, kwargs, context: Context):
               n_train=len(subset.labels), n_val=len(rest.labels),
               seconds_total=time.perf_counter() - t0)
   perturbation = np.asarray(perturbation)
-  _write_npz(path, {"perturbation": perturbation, "info": np.asarray(json.dumps(info))})
+  atomic.write_npz(path, {"perturbation": perturbation, "info": np.asarray(json.dumps(info))})
   return {"perturbation": perturbation}, info
 
 
@@ -849,8 +820,8 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
       "rows": summary_rows(rows, config.paper_column),
       "wall_time_s": time.perf_counter() - t0, "device": _device(),
   }
-  _write_json(os.path.join(workdir, "results.json"), summary)
-  _write_atomic(os.path.join(workdir, "results.md"), summary_markdown(summary).encode())
+  atomic.write_json(os.path.join(workdir, "results.json"), summary)
+  atomic.write_bytes(os.path.join(workdir, "results.md"), summary_markdown(summary).encode())
   return summary
 
 

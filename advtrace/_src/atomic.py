@@ -1,0 +1,66 @@
+"""Atomic file writes: a temporary file in the target's folder, then ``os.replace``.
+
+A crash or interruption leaves either the old file or the new one, never a partial file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+
+def write_bytes(path: str | os.PathLike, payload: bytes, *, mode: int | None = None) -> None:
+  """Writes ``payload`` to ``path`` atomically, creating the folder; ``mode`` sets permissions."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(path))
+  try:
+    if mode is not None:
+      os.fchmod(fd, mode)
+    with os.fdopen(fd, "wb") as f:
+      f.write(payload)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  write_bytes(path, text.encode())
+
+
+def json_default(obj):
+  """JSON encoding of NumPy/JAX values, ConfigDicts and tuples."""
+  if isinstance(obj, (np.generic, np.ndarray, jax.Array)):
+    return np.asarray(obj).tolist()
+  if isinstance(obj, ml_collections.ConfigDict):
+    return obj.to_dict()
+  if isinstance(obj, tuple):
+    return list(obj)
+  raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, sort_keys: bool = False) -> None:
+  write_text(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=json_default) + "\n")
+
+
+def write_npz(path: str | os.PathLike, arrays: Mapping[str, np.ndarray], *,
+              mode: int | None = None) -> None:
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  write_bytes(path, buffer.getvalue(), mode=mode)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads every array of an ``.npz`` file (never unpickles)."""
+  with np.load(path, allow_pickle=False) as f:
+    return {k: f[k] for k in f.files}
