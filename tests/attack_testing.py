@@ -78,6 +78,17 @@ def digits_model():
   Returns:
     ``(logits_fn, x, y)``: the model and 64 correctly classified test images with labels.
   """
+  # Train with XLA's default optimisations whatever the calling module set, so that every test
+  # module gets the same weights whichever one trains them first.
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    return _train_digits_model()
+  finally:
+    jax.config.update("jax_disable_most_optimizations", previous)
+
+
+def _train_digits_model():
   train = adv_data.load("digits", "train")
   test = adv_data.load("digits", "test")
   model = _MLP()

@@ -61,3 +61,19 @@ def _tfds_data_dir_fixture() -> str | None:
 def _deepsec_weights_fixture():
   """The :func:`deepsec_weights` function itself: ``deepsec_weights('MNIST_raw.pt')``."""
   return deepsec_weights
+
+
+@pytest.fixture(scope="module")
+def fast_compiles():
+  """Turns off most XLA optimisations for one test module, then restores the setting.
+
+  For modules where compile time dominates and the numerics compared do not depend on it. A
+  process-wide setting would change other modules' numerics in the same worker, so it is
+  module-scoped; use it with ``pytestmark = pytest.mark.usefixtures("fast_compiles")``.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)

@@ -25,15 +25,7 @@ from advtrace._src.attacks import gradient
 from advtrace._src.attacks import runner
 from advtrace._src.models import registry
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Compile time dominates here. Module-scoped, and restored, so that other test modules in the
-  # same worker keep their numerics (a process-wide flag made decision-attack tests flaky).
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 N, BATCH = 10, 4  # three batches, the last one padded (4, 4, 2 + 2 padding rows)
 

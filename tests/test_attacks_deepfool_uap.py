@@ -19,14 +19,7 @@ from advtrace._src.attacks.uap import apply_uap
 from advtrace._src.attacks.uap import uap
 from advtrace._src.attacks.uap import uap_attack
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Compile time dominates these tests; restore the setting for other modules afterwards."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 # ---------------------------------------------------------------------------------- DeepFool

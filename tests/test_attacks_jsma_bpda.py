@@ -21,14 +21,7 @@ from advtrace._src.attacks.gradient import bim
 from advtrace._src.attacks.gradient import pgd
 from advtrace._src.attacks.jsma import jsma
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  """Compile time dominates these tests; restore the setting for other modules afterwards."""
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 # ---------------------------------------------------------------------------------- JSMA
 

@@ -12,14 +12,7 @@ from attack_testing import run_standard_properties
 
 from advtrace._src.attacks import score_based as sb
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Compile time dominates these tiny problems; every comparison is within this file.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 CASES = [

@@ -14,15 +14,7 @@ import pytest
 from advtrace._src.models import registry
 from advtrace._src.models import zoo
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Compile time dominates these tiny models and the numerics checked here do not depend on it;
-  # restored afterwards so that other modules in the same worker keep their numerics.
-  previous = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", previous)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 NUM_CLASSES = 7

@@ -64,13 +64,7 @@ def _assert_trees_equal(a, b):
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _fast_compiles():
-  # Compile time dominates these tiny problems; numerics are compared only within this file.
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compiles")
 
 
 def test_train_step_reduces_loss():
