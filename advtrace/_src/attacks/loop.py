@@ -12,8 +12,10 @@ the loop either
 - ``"fused"``: one jitted ``lax.while_loop``, stopping when every example is done; or
 - ``"host"``: a Python loop over the jitted step, with early exit and a progress callback.
 
-``"auto"`` picks host on CPU and fused elsewhere. On CPU the host loop measured faster; see
-``benchmarks/loop_modes.py`` and ``docs/results/benchmarks.md`` for the measurement.
+``"auto"`` picks host on CPU and fused elsewhere. On 2 CPU cores the host loop ran PGD and CW
+on the DEEPSEC MNIST CNN at about 40 ms per step against 320 ms fused: inside the compiled
+``while`` body XLA:CPU keeps a slow kernel layout for the input-gradient convolutions
+(``benchmarks/loop_modes.py``, ``docs/results/benchmarks.md``).
 
 Jitted functions are cached on ``(step_fn, logits_fn, cfg)`` and the state's shapes, so a second
 batch of the same shape never retraces. Pass the *same* ``logits_fn`` object to reuse compiles.
