@@ -1,13 +1,7 @@
-"""DEEPSEC's MNIST CNN in PyTorch, for the peer benchmarks only (never imported by advtrace).
+"""PyTorch helpers for the peer benchmarks: load the DEEPSEC MNIST CNN, count model queries.
 
-Written from ``shared/notes/deepsec.md`` section 1.1 (``RawModels/MNISTConv.py``, class
-``MNISTConvNet``): 4 VALID 3x3 convs with bias and ReLU, two 2x2 max-pools, NCHW flatten, three
-linear layers, dropout (identity at eval) and ``logits - max(logits)``. The state-dict keys match
-the released ``MNIST_raw.pt``, so the file loads with ``torch.load(..., weights_only=True)``.
-
-References:
-  Ling et al., "DEEPSEC: A Uniform Platform for Security Analysis of Deep Learning Model",
-  IEEE S&P 2019. https://github.com/ryderling/DEEPSEC
+The model itself is ``third_party.deepsec.torch_reference.MNISTConvNet``, shared with the
+torch cross-check test. Never imported by advtrace.
 """
 
 from __future__ import annotations
@@ -16,28 +10,8 @@ import os
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-
-class MNISTConvNet(nn.Module):
-  """DEEPSEC ``MNISTConvNet`` (312,202 parameters). Input NCHW float in [0, 1]."""
-
-  def __init__(self):
-    super().__init__()
-    self.conv32 = nn.Sequential(nn.Conv2d(1, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 3), nn.ReLU(),
-                                nn.MaxPool2d(2))
-    self.conv64 = nn.Sequential(nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Conv2d(64, 64, 3), nn.ReLU(),
-                                nn.MaxPool2d(2))
-    self.fc1 = nn.Linear(4 * 4 * 64, 200)
-    self.dropout = nn.Dropout(p=0.5)
-    self.fc2 = nn.Linear(200, 200)
-    self.fc3 = nn.Linear(200, 10)
-
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    out = self.conv64(self.conv32(x)).reshape(-1, 4 * 4 * 64)
-    out = self.dropout(F.relu(self.fc1(out)))
-    out = self.fc3(F.relu(self.fc2(out)))
-    return out - torch.max(out, dim=1, keepdim=True)[0]
+from third_party.deepsec.torch_reference import MNISTConvNet
 
 
 class NHWCWrapper(nn.Module):
