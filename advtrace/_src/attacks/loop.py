@@ -11,6 +11,9 @@ the loop either
 
 - ``"fused"``: one jitted ``lax.while_loop``, stopping when every example is done; or
 - ``"host"``: a Python loop over the jitted step, with early exit and a progress callback.
+  Once at most half of the batch is still active, the active examples are gathered into a
+  smaller batch (a power of two, at least ``_MIN_BUCKET``), so finished examples stop costing
+  compute; this compiles the step for at most log2(batch) extra shapes, once each.
 
 ``"auto"`` picks host on CPU and fused elsewhere. On 2 CPU cores the host loop ran PGD and CW
 on the DEEPSEC MNIST CNN at about 40 ms per step against 320 ms fused: inside the compiled
@@ -29,6 +32,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from advtrace._src import xla
 
@@ -56,6 +60,22 @@ def _batched_step(step_fn: StepFn, logits_fn, cfg, state):
 
 
 _jit_step = xla.jit(_batched_step, static_argnums=(0, 1, 2), donate_argnums=())
+
+_MIN_BUCKET = 8
+
+
+def _bucket(n_active: int) -> int:
+  return max(_MIN_BUCKET, 1 << max(0, int(n_active - 1).bit_length()))
+
+
+@jax.jit
+def _gather(tree, rows):
+  return jax.tree.map(lambda leaf: leaf[rows], tree)
+
+
+@jax.jit
+def _scatter(full, rows, part):
+  return jax.tree.map(lambda f, p: f.at[rows].set(p), full, part)
 
 
 @functools.partial(xla.jit, static_argnums=(0, 1, 2))
@@ -100,10 +120,22 @@ def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "
   mode = resolve_loop(loop)
   if mode == "fused":
     return _fused(step_fn, logits_fn, cfg, state, jnp.int32(num_steps))
+  full, rows = state, None  # ``state`` holds the rows ``rows`` of ``full`` (None: all)
   for i in range(num_steps):
     state = _jit_step(step_fn, logits_fn, cfg, state)
     if progress is not None:
-      progress(i + 1, state)
-    if (i + 1) % check_every == 0 and not bool(jnp.any(state.active)):
+      progress(i + 1, state if rows is None else _scatter(full, rows, state))
+    if (i + 1) % check_every:
+      continue
+    active = np.asarray(state.active)
+    if not active.any():
       break
-  return state
+    size = _bucket(int(active.sum()))
+    if size <= active.size // 2:
+      # Pad with a finished row: its step result is discarded by _freeze_done.
+      keep = np.flatnonzero(active)
+      keep = np.concatenate([keep, np.full(size - keep.size, np.argmin(active))])
+      full = state if rows is None else _scatter(full, rows, state)
+      rows = keep if rows is None else rows[keep]
+      state = _gather(full, jnp.asarray(rows))
+  return state if rows is None else _scatter(full, jnp.asarray(rows), state)

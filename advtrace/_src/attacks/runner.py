@@ -268,8 +268,11 @@ class Context(NamedTuple):
   weights_id: str  # sha256 of a .pt file, else the path as given
   logits_fn: Callable[[jax.Array], jax.Array]
   dataset: data.Dataset
-  clean_logits: np.ndarray
+  clean_logits: np.ndarray  # of the model that picks the candidates (correctly classified)
   load_time_s: float
+  # Logits of the attacked model on the clean split, for least-likely targets; None: the
+  # attacked model is the one that picked the candidates (``clean_logits``).
+  target_logits: np.ndarray | None = None
 
 
 _CONTEXT_CACHE: collections.OrderedDict[tuple, Context] = collections.OrderedDict()
@@ -347,19 +350,6 @@ def _load_context(config: ml_collections.ConfigDict) -> Context:
                  time.perf_counter() - t0)
 
 
-# ----------------------------------------------------------------------------- io
-
-
-
-
-
-
-
-
-
-
-
-
 def _canonical(obj):
   return json.loads(json.dumps(obj, default=atomic.json_default))
 
@@ -413,6 +403,19 @@ def run_attack(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
   return _run(config, workdir, spec, kwargs, context, t0)
 
 
+def run_resolved(config: ml_collections.ConfigDict, workdir: str | os.PathLike,
+                 spec: catalog.AttackSpec, kwargs: Mapping[str, Any],
+                 context: Context) -> dict[str, Any]:
+  """:func:`run_attack` for an attack already resolved and a model already loaded.
+
+  ``context`` may wrap the loaded model (``context._replace(logits_fn=..., model=...,
+  weights_id=...)``), e.g. a defended model attacked on the candidates of the undefended one;
+  ``model`` and ``weights_id`` name the attacked model in the workdir's fingerprint, so give a
+  wrapped model its own.
+  """
+  return _run(config, workdir, spec, dict(kwargs), context, time.perf_counter())
+
+
 def _fingerprint(config, spec, kwargs, context: Context) -> dict[str, Any]:
   fp = {
       "attack": spec.name, "settings_table": config.settings, "kwargs": kwargs,
@@ -455,7 +458,8 @@ def _targets(spec, context: Context, indices, random_targets, labels) -> np.ndar
   if spec.target_rule == "true":
     return labels
   if spec.target_rule == "least_likely":
-    return np.argmin(context.clean_logits[indices], axis=-1).astype(np.int32)
+    logits = context.clean_logits if context.target_logits is None else context.target_logits
+    return np.argmin(logits[indices], axis=-1).astype(np.int32)
   return random_targets
 
 
@@ -553,7 +557,7 @@ def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], cont
       "first_batch_s": first_batch_s,
       "examples_per_sec": steady_n / steady_s if steady_s > 0 else None,
       "examples_per_sec_overall": n / attack_time if attack_time > 0 else None,
-      "device": _device(),
+      "device": device_info(),
   }
   if uap_info is not None:
     results["uap"] = uap_info
@@ -583,7 +587,7 @@ def _metrics(arrays: Mapping[str, np.ndarray], y: np.ndarray, spec) -> dict[str,
   return out
 
 
-def _device() -> dict[str, Any]:
+def device_info() -> dict[str, Any]:
   device = jax.devices()[0]
   return {"platform": device.platform, "kind": device.device_kind,
           "count": jax.device_count(), "cpu_count": os.cpu_count()}
@@ -818,7 +822,7 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
       "fallback_settings": config.fallback_settings, "paper_column": config.paper_column,
       "candidate_seed": int(config.candidate_seed), "seed": int(config.seed),
       "rows": summary_rows(rows, config.paper_column),
-      "wall_time_s": time.perf_counter() - t0, "device": _device(),
+      "wall_time_s": time.perf_counter() - t0, "device": device_info(),
   }
   atomic.write_json(os.path.join(workdir, "results.json"), summary)
   atomic.write_bytes(os.path.join(workdir, "results.md"), summary_markdown(summary).encode())
@@ -828,6 +832,7 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
 __all__ = [
     "Context", "PAPER_TABLE1_ASR", "attack_config", "clear_context_cache", "deepsec_candidates",
     "default_config",
-    "default_reproduce_config", "load_context", "reproduce_attacks", "resolve_attack",
-    "results_markdown", "run_attack", "summary_markdown", "summary_rows",
+    "default_reproduce_config", "device_info", "load_context", "reproduce_attacks",
+    "resolve_attack", "results_markdown", "run_attack", "run_resolved", "summary_markdown",
+    "summary_rows",
 ]
