@@ -127,6 +127,46 @@ def targets_for(labels):
   return (jnp.asarray(labels) + 1) % 10
 
 
+class RowCounter:
+  """A model that counts the rows it evaluates at run time (through a debug callback), i.e.
+  the queries actually made; call ``jax.effects_barrier()`` before reading ``rows``."""
+
+  def __init__(self, fn):
+    self.fn = fn
+    self.rows = 0
+
+  def _add(self, n):
+    self.rows += int(n)
+
+  def __call__(self, x):
+    jax.debug.callback(self._add, jnp.int32(x.shape[0]))
+    return self.fn(x)
+
+
+def run_in_batches(fn, logits_fn, x, labels, size=4, **kwargs):
+  """Runs an attack on batches of ``size`` rows and concatenates the outputs.
+
+  Batches of the shape the property tests compiled (4) reuse their compiled steps, and batch
+  consistency makes the result equal to one big batch. Batch ``i`` (rows ``i`` to
+  ``i + size``) gets the key ``jax.random.key(i)``.
+
+  Args:
+    fn: ``fn(logits_fn, x, labels, key, **kwargs) -> AttackOutput``: an attack or an
+      ``AttackCase``.
+    logits_fn: the model.
+    x: images.
+    labels: labels or targets.
+    size: rows per batch.
+    **kwargs: hyperparameters passed to every call.
+
+  Returns:
+    The concatenated ``AttackOutput``.
+  """
+  outs = [fn(logits_fn, x[i:i + size], labels[i:i + size], jax.random.key(i), **kwargs)
+          for i in range(0, x.shape[0], size)]
+  return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
+
+
 class CountingLogits:
   """Wraps a logits function and counts Python-level calls, i.e. traces under jit."""
 

@@ -5,8 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from attack_testing import AttackCase
+from attack_testing import RowCounter
 from attack_testing import digits_model
 from attack_testing import linear_model
+from attack_testing import run_in_batches
 from attack_testing import run_standard_properties
 
 from advtrace._src.attacks.hopskipjump import hop_skip_jump
@@ -61,14 +63,6 @@ def test_standard_properties(case):
   run_standard_properties(case, logits_fn, x[:4], y[:4])
 
 
-def run_in_batches(case, logits_fn, x, labels, size=4, **overrides):
-  """Runs a case on batches of ``size`` rows (the shape the property tests compiled) and
-  concatenates the outputs; batch consistency makes this equal to one big batch."""
-  outs = [case(logits_fn, x[i:i + size], labels[i:i + size], jax.random.key(i), **overrides)
-          for i in range(0, x.shape[0], size)]
-  return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
-
-
 @pytest.mark.parametrize("case,norm,budget", [
     (CASES[0], "l2", dict(num_iterations=10, max_queries=None)),
     (CASES[1], "linf", dict(num_iterations=10, max_queries=None)),
@@ -116,27 +110,12 @@ def test_converges_to_closed_form_on_linear_model():
     assert np.all(ratio >= 1 - 1e-4) and np.all(ratio < 1.1), ratio
 
 
-class _RowCounter:
-  """A model that counts the rows it evaluates at run time (through a debug callback)."""
-
-  def __init__(self, fn):
-    self.fn = fn
-    self.rows = 0
-
-  def _add(self, n):
-    self.rows += int(n)
-
-  def __call__(self, x):
-    jax.debug.callback(self._add, jnp.int32(x.shape[0]))
-    return self.fn(x)
-
-
 @pytest.mark.parametrize("name", ["hsj", "sign_opt"])
 def test_query_count_equals_model_evaluations(name):
   # One example and one sample per model call: every evaluated row is a query, plus the final
   # success check in finalize.
   logits_fn, x, y = digits_model()
-  counter = _RowCounter(logits_fn)
+  counter = RowCounter(logits_fn)
   if name == "hsj":
     out = hop_skip_jump(counter, x[3:4], y[3:4], jax.random.key(1), num_iterations=3,
                         init_num_evals=10, eval_batch_size=1)

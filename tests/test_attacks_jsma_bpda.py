@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from attack_testing import AttackCase
 from attack_testing import digits_model
+from attack_testing import linear_model
 from attack_testing import run_standard_properties
 from attack_testing import targets_for
 
@@ -109,6 +110,72 @@ def test_best_pair_matches_paper_formula(seed, chunk):
     assert (int(p), int(q)) == expect
 
 
+def _deepsec_pair(target_grad, others_grad, domain):
+  """DEEPSEC's ``JSMAAttack.saliency_map`` (increasing features), in numpy.
+
+  Features outside the domain are pushed out of the admissible set by shifting their target
+  derivative down and their other-classes derivative up by twice the largest magnitude; the
+  score is ``alpha * |beta|`` on the pairs with ``alpha > 0``, ``beta < 0`` and ``p != q``, zero
+  elsewhere, and the pair is the first maximum of the flattened map.
+  """
+  d = len(target_grad)
+  coef = 2.0 * ~domain
+  t = target_grad - coef * np.abs(target_grad).max()
+  o = others_grad + coef * np.abs(others_grad).max()
+  alpha = t[None, :] + t[:, None]
+  beta = o[None, :] + o[:, None]
+  mask = (alpha > 0) & (beta < 0) & ~np.eye(d, dtype=bool)
+  scores = alpha * np.abs(beta) * mask
+  k = int(np.argmax(scores))
+  return (k // d, k % d), bool(scores.max() > 0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_best_pair_matches_deepsec_saliency_map(seed):
+  # DEEPSEC's map (its domain trick, alpha * |beta|) selects the same pair as best_pair. Where
+  # no pair is admissible its all-zero map yields (0, 0); best_pair reports found=False.
+  rng = np.random.default_rng(seed)
+  d = 40
+  jac = rng.normal(size=(10, d)).astype(np.float32)
+  target = seed % 10
+  alpha, beta = jac[target], jac.sum(0) - jac[target]
+  domain = rng.random(d) < (0.7 if seed < 4 else 0.05)
+  p, q, found = jsma_lib.best_pair(jnp.asarray(alpha), jnp.asarray(beta), jnp.asarray(domain),
+                                   16)
+  expect, expect_found = _deepsec_pair(alpha, beta, domain)
+  assert bool(found) == expect_found
+  if expect_found:
+    assert (int(p), int(q)) == expect
+  else:
+    assert expect == (0, 0)
+
+
+@pytest.mark.parametrize("jacobian", ["logits", "probs"])
+def test_jsma_first_pair_on_linear_model(jacobian):
+  # One pair update (ceil(gamma * 64 / 2) = 1) on logits = W x + b. With "logits" the Jacobian
+  # is W: alpha = W[:, t], beta = the other columns' sum. With "probs" the rows of the softmax
+  # Jacobian sum to zero, so beta = -alpha and the score is alpha^2: the pair is the two
+  # features with the largest derivative of p_t, p_t (W[:, t] - W p).
+  logits_fn, w, b = linear_model()
+  x = jax.random.uniform(jax.random.key(3), (4, 8, 8, 1), maxval=0.5)
+  target = (jnp.argmax(logits_fn(x), -1) + 1) % 10
+  out = jsma(logits_fn, x, target, gamma=2 / 64, theta=0.3, jacobian=jacobian)
+  w = np.asarray(w, np.float64)
+  for i in range(4):
+    t = int(target[i])
+    if jacobian == "logits":
+      expect = _brute_force_pair(w[:, t], w.sum(1) - w[:, t], np.ones(64, bool))
+    else:
+      z = np.asarray(x[i], np.float64).reshape(-1) @ w + np.asarray(b, np.float64)
+      prob = np.exp(z - z.max()) / np.exp(z - z.max()).sum()
+      grad = prob[t] * (w[:, t] - w @ prob)
+      expect = tuple(np.argsort(-grad)[:2])
+      assert grad[list(expect)].sum() > 0
+    changed = np.flatnonzero(np.asarray(out.x_adv[i] != x[i]).reshape(-1))
+    assert set(changed.tolist()) == set(int(k) for k in expect)
+  np.testing.assert_array_equal(np.asarray(out.info.iterations), 1)
+
+
 def test_best_pair_none_admissible():
   alpha = -jnp.ones(6)  # alpha_p + alpha_q > 0 never holds
   _, _, found = jsma_lib.best_pair(alpha, -jnp.ones(6), jnp.ones(6, bool), 4)
@@ -133,8 +200,8 @@ def test_jsma_memory_bounded_on_cifar_size():
       x_adv=x, domain=jnp.ones((batch, d), bool), target=target, theta=jnp.ones(batch),
       budget=jnp.full((batch,), 4, jnp.int32), updates=jnp.zeros(batch, jnp.int32),
       active=jnp.ones(batch, bool), iteration=jnp.zeros(batch, jnp.int32))
-  compiled = loop._jit_step.lower(jsma_lib._step, logits_fn, jsma_lib._Config(64, 0.0, 1.0),
-                                  state).compile()
+  cfg = jsma_lib._Config("logits", 64, 0.0, 1.0)
+  compiled = loop._jit_step.lower(jsma_lib._step, logits_fn, cfg, state).compile()
   stats = compiled.memory_analysis()
   if stats is not None:
     assert stats.temp_size_in_bytes < batch * d * d * 4 / 16
@@ -146,6 +213,7 @@ def test_jsma_memory_bounded_on_cifar_size():
     (dict(theta=-1.0), "theta must be > 0"),
     (dict(gamma=1.5), "gamma"),
     (dict(chunk_size=0), "chunk_size"),
+    (dict(jacobian="softmax"), "Unknown jacobian"),
 ])
 def test_jsma_invalid_arguments(kwargs, match):
   logits_fn, x, y = digits_model()

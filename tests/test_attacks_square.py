@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from attack_testing import AttackCase
+from attack_testing import RowCounter
 from attack_testing import digits_model
+from attack_testing import run_in_batches
 from attack_testing import run_standard_properties
 
 from advtrace._src.attacks import square
@@ -26,14 +28,6 @@ CASES = [
 def test_standard_properties(case):
   logits_fn, x, y = digits_model()
   run_standard_properties(case, logits_fn, x[:4], y[:4])
-
-
-def run_in_batches(fn, logits_fn, x, labels, size=4, **kwargs):
-  """Runs an attack on batches of ``size`` rows (the shape the property tests compiled) and
-  concatenates the outputs; batch consistency makes this equal to one big batch."""
-  outs = [fn(logits_fn, x[i:i + size], labels[i:i + size], jax.random.key(i), **kwargs)
-          for i in range(0, x.shape[0], size)]
-  return jax.tree.map(lambda *a: jnp.concatenate(a), *outs)
 
 
 @pytest.mark.parametrize("norm,eps,targeted,queries,threshold", [
@@ -57,26 +51,11 @@ def test_effective_on_trained_model(norm, eps, targeted, queries, threshold):
   assert np.all(q[~np.asarray(out.info.success)] == queries)
 
 
-class _RowCounter:
-  """A model that counts the rows it evaluates at run time (through a debug callback)."""
-
-  def __init__(self, fn):
-    self.fn = fn
-    self.rows = 0
-
-  def _add(self, n):
-    self.rows += int(n)
-
-  def __call__(self, x):
-    jax.debug.callback(self._add, jnp.int32(x.shape[0]))
-    return self.fn(x)
-
-
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_query_count_equals_model_evaluations(norm):
   # One example: every row the model evaluates is a query, plus finalize's success check.
   logits_fn, x, y = digits_model()
-  counter = _RowCounter(logits_fn)
+  counter = RowCounter(logits_fn)
   out = square_attack(counter, x[5:6], y[5:6], jax.random.key(1), eps=0.05, norm=norm,
                       max_queries=40)
   jax.effects_barrier()

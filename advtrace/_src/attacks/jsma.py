@@ -12,6 +12,18 @@ distinct features in the search domain evaluates the paper's pair saliency (Algo
 then increases both features of the best pair by ``theta`` (clipped to the box) and removes them
 from the search domain. The search domain starts as the features below 99% of the box.
 
+Parity (``Attacks/AttackMethods/JSMA.py`` of DEEPSEC, unchanged since its first commit): its
+masked map (features outside the domain shifted out of the admissible set, score
+``alpha * |beta|``) selects the same pair; the update, domain, budget ``ceil(gamma * d / 2)`` and
+stop rule are the same. What the Jacobian is taken of matters: the Jacobian of a single logit is
+not invariant to shifting all logits. DEEPSEC's MNIST model returns logits minus their maximum
+since its commit ``d4e1181`` (not before), which zeroes the current top class's row and
+subtracts its gradient from every other row. On the first 200 DEEPSEC MNIST candidates (Table
+VII, random targets) the shifted logits give 50.5% success, the raw logits 74.5% (seed-003:
+74.1%), the softmax (``jacobian="probs"``) 93.5%. cleverhans' ``jsma_symbolic`` differs in
+using the softmax (its rows sum to zero, so ``beta = -alpha`` and the score is ``alpha^2``), a
+budget of ``floor(gamma * d / 2)``, and a domain of the features below ``clip_max``.
+
 Memory: the pair map has ``d^2`` entries per example (9.4M for 32x32x3). It is never built: a
 ``lax.scan`` over blocks of ``chunk_size`` rows keeps the running best pair, so the largest
 temporaries hold ``batch * chunk_size * d`` values, independent of ``batch * d^2``. The result is
@@ -26,14 +38,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from advtrace._src import checks
 from advtrace._src.attacks import base
 from advtrace._src.attacks import loop
 
 # Default budget for the pair-map block of a whole batch, in float32 values (64 MiB).
 _BLOCK_BUDGET = 1 << 24
+_JACOBIANS = ("logits", "probs")
 
 
 class _Config(NamedTuple):
+  jacobian: str
   chunk_size: int
   clip_min: float
   clip_max: float
@@ -98,10 +113,16 @@ def best_pair(alpha: jax.Array, beta: jax.Array, domain: jax.Array, chunk_size: 
   return p, q, best_s > -jnp.inf
 
 
+def _output(logits_fn, jacobian: str, z: jax.Array) -> jax.Array:
+  """The model output whose Jacobian drives the attack, for one example."""
+  logits = base.single_logits(logits_fn, z)
+  return jax.nn.softmax(logits) if jacobian == "probs" else logits
+
+
 def _step(logits_fn, cfg: _Config, s: _State) -> _State:
   shape = s.x_adv.shape
   flat = s.x_adv.reshape(-1)
-  logits, vjp = jax.vjp(lambda z: base.single_logits(logits_fn, z.reshape(shape)), flat)
+  logits, vjp = jax.vjp(lambda z: _output(logits_fn, cfg.jacobian, z.reshape(shape)), flat)
   num_classes = logits.shape[-1]
   (jac,) = jax.vmap(vjp)(jnp.eye(num_classes, dtype=logits.dtype))  # [classes, d]
   alpha = jac[s.target]
@@ -126,6 +147,7 @@ def jsma(
     targeted: bool = True,
     theta=1.0,
     gamma=0.1,
+    jacobian: str = "logits",
     chunk_size: int | None = None,
     clip_min: float = 0.0,
     clip_max: float = 1.0,
@@ -155,6 +177,9 @@ def jsma(
     theta: the increase per changed feature, > 0; scalar or per-example. DEEPSEC: 1.
     gamma: the maximum fraction of features changed, in [0, 1]; scalar or per-example.
       DEEPSEC: 0.1. 0 returns ``x``.
+    jacobian: ``"logits"`` (default, DEEPSEC): the Jacobian of what ``logits_fn`` returns
+      (DEEPSEC's model output, logits minus their maximum); ``"probs"`` (cleverhans'
+      ``jsma_symbolic``): the Jacobian of its softmax.
     chunk_size: rows of the ``d x d`` pair map evaluated at once. None: as many as keep the
       block of the whole batch under 2^24 values (all rows when that fits). The result does
       not depend on it.
@@ -174,6 +199,7 @@ def jsma(
     raise ValueError("jsma is a targeted attack; pass targeted=True with target labels (for "
                      "DEEPSEC, a random class different from the true label).")
   base.check_inputs(x, labels, clip_min=clip_min, clip_max=clip_max)
+  checks.check_choice(jacobian, _JACOBIANS, "jacobian")
   x = jnp.asarray(x)
   batch = x.shape[0]
   d = int(np.prod(x.shape[1:]))
@@ -195,7 +221,7 @@ def jsma(
   state = _State(x_adv=x, domain=domain, target=labels, theta=theta,
                  budget=jnp.asarray(budget), updates=jnp.zeros((batch,), jnp.int32),
                  active=jnp.asarray(budget > 0), iteration=jnp.zeros((batch,), jnp.int32))
-  cfg = _Config(int(chunk_size), float(clip_min), float(clip_max))
+  cfg = _Config(jacobian, int(chunk_size), float(clip_min), float(clip_max))
   state = loop.run(_step, logits_fn, cfg, state, int(budget.max(initial=0)), loop=loop_mode)
   return base.finalize(logits_fn, x, state.x_adv, labels, targeted=True,
                        iterations=state.updates, queries=state.iteration)

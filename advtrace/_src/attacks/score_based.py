@@ -123,6 +123,32 @@ def _steps_cap(num_steps: int | None) -> int:
   return _NO_LIMIT if num_steps is None else num_steps
 
 
+def _end_step(logits_fn, s, cost: int, early_stop: bool, **updates):
+  """The shared end of an SPSA, NES or Bandits step: counts it and decides who goes on.
+
+  With ``early_stop`` the new iterate is queried once (part of ``cost``) and the example stops
+  if it is adversarial; it also stops when the next step would not fit in its budget.
+
+  Args:
+    logits_fn: the model.
+    s: the state before the step.
+    cost: the queries of one step, the success check included.
+    early_stop: whether to check the new iterate and stop on success.
+    **updates: the fields the step changed, ``x_adv`` (the new iterate) among them.
+
+  Returns:
+    The new state, with ``queries`` and ``active`` updated, in the dtypes of ``s``.
+  """
+  new = s._replace(**updates)
+  queries = s.queries + cost
+  active = s.active
+  if early_stop:
+    logits = base.single_logits(logits_fn, new.x_adv)
+    active = active & ~base.is_success(logits, s.label, s.targeted)
+  active = active & (queries + cost <= s.budget)
+  return _same_types(new._replace(queries=queries, active=active), s)
+
+
 # ---------------------------------------------------------------------------- SPSA
 
 
@@ -197,15 +223,8 @@ def _spsa_step(logits_fn, cfg: _SPSAConfig, s: _SPSAState) -> _SPSAState:
   updates, opt_state = optax.adam(s.learning_rate).update(grad, s.opt_state)
   x_adv = projections.project_and_clip(s.x_adv + updates, s.x, s.eps, cfg.norm,
                                        cfg.clip_min, cfg.clip_max)
-  queries = s.queries + 2 * cfg.num_samples * cfg.spsa_iters
-  active = s.active
-  if cfg.early_stop:
-    logits = base.single_logits(logits_fn, x_adv)
-    queries = queries + 1
-    active = active & ~base.is_success(logits, s.label, s.targeted)
-  active = active & (queries + _spsa_cost(cfg) <= s.budget)
-  return _same_types(s._replace(x_adv=x_adv, opt_state=opt_state, key=key, queries=queries,
-                                active=active), s)
+  return _end_step(logits_fn, s, _spsa_cost(cfg), cfg.early_stop, x_adv=x_adv,
+                   opt_state=opt_state, key=key)
 
 
 def spsa(
@@ -393,15 +412,7 @@ def _nes_step(logits_fn, cfg: _NESConfig, s: _NESState) -> _NESState:
   x_adv = projections.project_and_clip(
       s.x_adv - s.step_size * projections.normalize_step(grad, cfg.norm), s.x, s.eps, cfg.norm,
       cfg.clip_min, cfg.clip_max)
-  queries = s.queries + 2 * cfg.num_samples
-  active = s.active
-  if cfg.early_stop:
-    logits = base.single_logits(logits_fn, x_adv)
-    queries = queries + 1
-    active = active & ~base.is_success(logits, s.label, s.targeted)
-  active = active & (queries + _nes_cost(cfg) <= s.budget)
-  return _same_types(s._replace(x_adv=x_adv, grad=grad, key=key, queries=queries, active=active),
-                     s)
+  return _end_step(logits_fn, s, _nes_cost(cfg), cfg.early_stop, x_adv=x_adv, grad=grad, key=key)
 
 
 def nes(
@@ -615,15 +626,8 @@ def _bandits_step(logits_fn, cfg: _BanditsConfig, s: _BanditsState) -> _BanditsS
   step = projections.normalize_step(_upsample(prior, shape), cfg.norm)
   x_adv = projections.project_and_clip(s.x_adv + s.image_lr * step, s.x, s.eps, cfg.norm,
                                        cfg.clip_min, cfg.clip_max)
-  queries = s.queries + 2
-  active = s.active
-  if cfg.early_stop:
-    logits = base.single_logits(logits_fn, x_adv)
-    queries = queries + 1
-    active = active & ~base.is_success(logits, s.label, s.targeted)
-  active = active & (queries + _bandits_cost(cfg) <= s.budget)
-  return _same_types(s._replace(x_adv=x_adv, prior=prior, key=key, queries=queries,
-                                active=active), s)
+  return _end_step(logits_fn, s, _bandits_cost(cfg), cfg.early_stop, x_adv=x_adv, prior=prior,
+                   key=key)
 
 
 def bandits(

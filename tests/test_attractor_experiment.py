@@ -1,0 +1,90 @@
+"""End-to-end test of the injected-attractors experiment on a slice of MNIST (DEEPSEC CNN)."""
+
+import os
+import stat
+
+import numpy as np
+import pytest
+from conftest import deepsec_weights
+from conftest import tfds_data_dir
+
+from advtrace._src import attractor_experiment as experiment
+from advtrace._src import qim
+
+pytestmark = pytest.mark.skipif(
+    deepsec_weights("MNIST_raw.pt") is None or tfds_data_dir() is None,
+    reason="../shared MNIST weights or tfds data are absent")
+
+
+def _config():
+  config = experiment.default_config()
+  config.update(dict(
+      data_dir=tfds_data_dir(), split="test[:300]", calibration_split="train[:3000]",
+      weights=str(deepsec_weights("MNIST_raw.pt")), model="deepsec_mnist", dataset="mnist",
+      candidate_pool=40, default_n_examples=12, batch_size=12, attacks=("fgsm", "llc"),
+      integrated_attacks=("fgsm",), ablation_attacks=("fgsm",), fig5_examples=24,
+      fig7_examples=4, fig7_directions=32, fig7_radii=(1.0,), key_seed=3))
+  config.n_examples = {"fgsm": 12, "llc": 12}
+  return config
+
+
+def test_full_run_then_resume(tmp_path):
+  workdir = tmp_path / "run"
+  config = _config()
+  results = experiment.run(config, workdir)
+
+  # The key sits outside the workdir, owner-only; results name it by fingerprint only.
+  key_path = experiment.default_key_path(str(workdir))
+  assert not key_path.startswith(str(workdir) + os.sep)
+  assert stat.S_IMODE(os.stat(key_path).st_mode) == 0o600
+  secret = qim.load_secret_key(key_path)
+  assert results["key_fingerprint"] == secret.fingerprint()
+  text = (workdir / "results.json").read_text()
+  assert "key_seed" not in text
+  assert "key_seed" not in (workdir / "experiment_config.json").read_text()
+
+  assert results["table2"]["n_test"] == 300
+  assert abs(results["table2"]["drop"]) <= 1.0
+  for row in results["calibration"]:
+    assert abs(row["calibration_fpr"] - row["target_fpr"]) <= 1.0
+  rows = {r["attack"]: r for r in results["table1"]}
+  assert set(rows) == {"fgsm", "llc"}
+  for r in rows.values():
+    assert r["n_examples"] == 12 and 0.0 <= r["attack_success_rate"] <= 100.0
+    g = r["overall_asr_fpr5"]
+    tpr = r["detection_rate_fpr5"]
+    assert g == pytest.approx(r["attack_success_rate"] * (1 - (tpr or 0.0) / 100))
+  # The runs on M attacked C's candidates: the same images as the runs on C.
+  with np.load(workdir / "victim" / "fgsm" / "adversarial.npz") as c, \
+       np.load(workdir / "attractor" / "fgsm" / "adversarial.npz") as m:
+    np.testing.assert_array_equal(c["indices"], m["indices"])
+  assert {r["attack"] for r in results["table5"]} == {"fgsm"}
+  assert set(results["ablations"]["fgsm"]) == {"a_weighted_sum", "b_other_key", "c_key_known"}
+  for name in ("fig5", "fig7"):
+    assert (workdir / results[name]["figure"]).exists()
+  assert results["fig5"]["c_l1"]["mean"] == pytest.approx(1.0, abs=1e-4)
+  assert "## Table I" in (workdir / "results.md").read_text()
+
+  # Resume: nothing is attacked again.
+  stamp = os.stat(workdir / "attractor" / "fgsm" / "adversarial.npz").st_mtime_ns
+  again = experiment.run(config, workdir)
+  assert os.stat(workdir / "attractor" / "fgsm" / "adversarial.npz").st_mtime_ns == stamp
+  assert again["table1"] == results["table1"]
+
+  # Other decoder settings in the same workdir are refused.
+  other = _config()
+  other.qim.a2 = 0.05
+  with pytest.raises(ValueError, match="other settings"):
+    experiment.run(other, workdir)
+
+
+def test_bad_config_fails_before_work(tmp_path):
+  config = _config()
+  config.stages = ("table1", "tabel5")
+  with pytest.raises(ValueError, match="Unknown stages"):
+    experiment.run(config, tmp_path)
+  config = _config()
+  config.attacks = ("fgsm", "no_such_attack")
+  with pytest.raises(ValueError, match="no_such_attack"):
+    experiment.run(config, tmp_path)
+  assert not os.listdir(tmp_path)
