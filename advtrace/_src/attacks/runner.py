@@ -95,6 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
       attack_kwargs: a JSON object of keyword arguments that override or extend the table's,
         e.g. ``'{"eps": 0.2}'``; empty for none.
       model: a registered model name; empty to take it from the weights.
+      model_kwargs: a JSON object of extra model fields, e.g. ``'{"shift_by_max": false}'``
+        for the DEEPSEC models' raw logits; part of the model's name in the results.
       weights: a DEEPSEC ``.pt`` file or an ``advtrace.training`` checkpoint (required).
       dataset, split, data_dir: as for ``advtrace.data.load``.
       n_examples: how many candidates to attack (the first of the pool, in draw order).
@@ -112,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.settings = "table7_mnist"
   config.attack_kwargs = ""
   config.model = "deepsec_mnist"
+  config.model_kwargs = ""
   config.weights = "../shared/weights/deepsec/MNIST_raw.pt"
   config.dataset = "mnist"
   config.split = "test"
@@ -151,16 +154,16 @@ def default_reproduce_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _parse_kwargs(text: str) -> dict[str, Any]:
+def _parse_kwargs(text: str, what: str = "attack_kwargs") -> dict[str, Any]:
   if not text or not text.strip():
     return {}
   try:
     value = json.loads(text)
   except json.JSONDecodeError as e:
-    raise ValueError(f"attack_kwargs must be a JSON object such as '{{\"eps\": 0.2}}', got "
+    raise ValueError(f"{what} must be a JSON object such as '{{\"eps\": 0.2}}', got "
                      f"{text!r} ({e}).") from e
   if not isinstance(value, dict):
-    raise ValueError(f"attack_kwargs must be a JSON object, got {text!r}.")
+    raise ValueError(f"{what} must be a JSON object, got {text!r}.")
   return value
 
 
@@ -307,7 +310,7 @@ def load_context(config: ml_collections.ConfigDict) -> Context:
     ValueError / FileNotFoundError: missing or unsuitable weights.
   """
   weights = os.path.abspath(config.weights) if config.weights else ""
-  key = (weights, _stamp(weights), config.model, str(config.dataset),
+  key = (weights, _stamp(weights), config.model, config.model_kwargs, str(config.dataset),
          _stamp(str(config.dataset)), config.split, config.data_dir, int(config.eval_batch_size))
   if key in _CONTEXT_CACHE:
     _CONTEXT_CACHE.move_to_end(key)
@@ -327,10 +330,10 @@ def _load_context(config: ml_collections.ConfigDict) -> Context:
                      "../shared/weights/deepsec/MNIST_raw.pt) or the workdir of an "
                      "experiments/train.py run.")
   model_name, variables = weights_lib.load_weights(config.weights, config.model or None)
-  num_classes, model_kwargs = ds.num_classes, {}
+  num_classes, model_kwargs = ds.num_classes, _parse_kwargs(config.model_kwargs, "model_kwargs")
   if os.path.isdir(config.weights):
     metadata = weights_lib.checkpoint_metadata(config.weights)
-    model_kwargs = dict(metadata.get("model_kwargs") or {})
+    model_kwargs = {**(metadata.get("model_kwargs") or {}), **model_kwargs}
     num_classes = int(metadata.get("num_classes", num_classes))
     weights_id = config.weights
   else:
@@ -346,6 +349,8 @@ def _load_context(config: ml_collections.ConfigDict) -> Context:
   logging.info("Loaded %s (%s) and %s/%s (%d examples, clean accuracy %.2f%%) in %.1f s.",
                model_name, config.weights, ds.name, config.split, len(ds.labels),
                100 * np.mean(np.argmax(clean, -1) == ds.labels), time.perf_counter() - t0)
+  if config.model_kwargs and config.model_kwargs.strip():
+    model_name += json.dumps(_parse_kwargs(config.model_kwargs, "model_kwargs"), sort_keys=True)
   return Context(model_name, str(config.weights), weights_id, logits_fn, ds, clean,
                  time.perf_counter() - t0)
 

@@ -3,9 +3,10 @@
 Both are ports of the PyTorch models of DEEPSEC (``RawModels/MNISTConv.py`` and
 ``RawModels/ResNet.py``), laid out so that :mod:`advtrace._src.models.deepsec_weights` can import
 the released weights. They take NHWC float images in [0, 1] (no mean/std normalisation) and,
-like the originals, return ``logits - max(logits)``: softmax, argmax and logit differences are
-unchanged, but gradients of single logits (e.g. JSMA's Jacobian) match DEEPSEC only with the
-shift.
+like DEEPSEC's current code, return ``logits - max(logits)``: softmax, argmax and logit
+differences are unchanged, but gradients of single logits (JSMA's Jacobian) are not.
+``shift_by_max=False`` gives the raw logits of DEEPSEC's first release (commit ``20281e9``), with
+which JSMA reproduces seed-003's MNIST number (docs/results/attacks_deepsec_mnist.md).
 
 References:
   Ling et al., "DEEPSEC: A Uniform Platform for Security Analysis of Deep Learning Model",
@@ -46,8 +47,15 @@ def _batch_norm(train: bool, name: str) -> nn.BatchNorm:
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
 
 
-def _shift_by_max(logits: jax.Array) -> jax.Array:
-  return logits - jnp.max(logits, axis=-1, keepdims=True)
+class _ShiftedOutput:
+  """The shared output rule of both DEEPSEC models (see the module docstring)."""
+
+  shift_by_max: bool
+
+  def _output(self, logits: jax.Array) -> jax.Array:
+    if not self.shift_by_max:
+      return logits
+    return logits - jnp.max(logits, axis=-1, keepdims=True)
 
 
 class _ConvPool(nn.Module):
@@ -65,7 +73,7 @@ class _ConvPool(nn.Module):
 
 
 @register("deepsec_mnist")
-class DeepSecMNISTCNN(nn.Module):
+class DeepSecMNISTCNN(_ShiftedOutput, nn.Module):
   """DEEPSEC's ``MNISTConvNet``: 4 conv + 3 FC layers (312,202 parameters).
 
   Stages (each owns ``variables['params'][stage]``): ``conv32`` (two VALID 3x3 convs with 32
@@ -79,6 +87,7 @@ class DeepSecMNISTCNN(nn.Module):
   """
 
   num_classes: int = 10
+  shift_by_max: bool = True
   stages = ("conv32", "conv64", "fc1", "fc2", "fc3")
 
   @nn.compact
@@ -95,7 +104,7 @@ class DeepSecMNISTCNN(nn.Module):
         ("conv64", lambda h: _ConvPool(64, name="conv64")(h)),
         ("fc1", fc1),
         ("fc2", lambda h: nn.relu(_torch_dense(200, h.shape[-1], "fc2")(h))),
-        ("fc3", lambda h: _shift_by_max(_torch_dense(self.num_classes, h.shape[-1], "fc3")(h))),
+        ("fc3", lambda h: self._output(_torch_dense(self.num_classes, h.shape[-1], "fc3")(h))),
     )
     return run_stages(stages, x, start, stop)
 
@@ -148,7 +157,7 @@ class _ResNetLayer(nn.Module):
 
 
 @register("deepsec_resnet20")
-class DeepSecResNet20(nn.Module):
+class DeepSecResNet20(_ShiftedOutput, nn.Module):
   """DEEPSEC's ``resnet20_cifar``: ``ResNet_Cifar(BasicBlock, [3, 3, 3])`` (272,586 parameters).
 
   Stages (each owns ``variables[collection][stage]``): ``stem`` (3x3 conv with bias, BN, ReLU:
@@ -162,6 +171,7 @@ class DeepSecResNet20(nn.Module):
   """
 
   num_classes: int = 10
+  shift_by_max: bool = True
   stages = ("stem", "layer1", "layer2", "layer3", "pool", "fc")
 
   @nn.compact
@@ -173,6 +183,6 @@ class DeepSecResNet20(nn.Module):
         ("layer2", lambda h: _ResNetLayer(32, 2, name="layer2")(h, train)),
         ("layer3", lambda h: _ResNetLayer(64, 2, name="layer3")(h, train)),
         ("pool", lambda h: jnp.mean(h, axis=(1, 2))),
-        ("fc", lambda h: _shift_by_max(_torch_dense(self.num_classes, h.shape[-1], "fc")(h))),
+        ("fc", lambda h: self._output(_torch_dense(self.num_classes, h.shape[-1], "fc")(h))),
     )
     return run_stages(stages, x, start, stop)
