@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from advtrace._src import xla
 from advtrace._src.attacks import base
@@ -118,12 +119,16 @@ def search(run_round: RoundFn, x: jax.Array, initial_const: jax.Array,
   best = Best(x, jnp.full((batch,), jnp.inf, jnp.float32), jnp.zeros((batch,), bool))
   iterations = jnp.zeros((batch,), jnp.int32)
   queries = jnp.zeros((batch,), jnp.int32)
-  for _ in range(binary_search_steps):
+  for step in range(binary_search_steps):
     result = run_round(const, best)
     best = result.best
     iterations = iterations + result.iterations
     queries = queries + result.queries
     const, lower, upper = update_const(const, lower, upper, result.success)
+    if not isinstance(best.found, jax.core.Tracer):  # progress of long eager runs
+      logging.info("binary search round %d/%d: %d/%d examples found, %.0f iterations on "
+                   "average this round.", step + 1, binary_search_steps,
+                   int(jnp.sum(best.found)), batch, float(jnp.mean(result.iterations)))
   return best, iterations, queries
 
 
