@@ -210,6 +210,8 @@ class _Setup:
     self.w_cal, self.w_test, self.m_test_logits = self._clean_outputs()
     self.cals = [attractors.calibrate(self.w_cal, fpr) for fpr in config.target_fprs]
     self.test_scores = [np.asarray(attractors.detection_score(self.w_test, c)) for c in self.cals]
+    self.test_fprs = [100.0 * float(np.mean(np.asarray(attractors.detect(self.w_test, c)[0])))
+                      for c in self.cals]
 
   def _check_fingerprint(self):
     c = self.config
@@ -267,7 +269,8 @@ class _Setup:
     out: dict[str, Any] = {"n_examples": n, "n_success": int(success.sum()),
                            "attack_success_rate": 100.0 * float(success.mean())}
     recovered = np.asarray(attractors.recover(w))
-    for cal, clean_scores in zip(self.cals, self.test_scores, strict=True):
+    for cal, clean_scores, test_fpr in zip(self.cals, self.test_scores, self.test_fprs,
+                                           strict=True):
       tag = _fpr_tag(cal.target_fpr)
       flagged = np.asarray(attractors.detect(w, cal)[0])
       hit = flagged & success
@@ -277,8 +280,7 @@ class _Setup:
                                      if hit.any() else None)
       out[f"overall_asr_{tag}"] = (out["attack_success_rate"] * (1.0 - (tpr or 0.0) / 100.0))
       out[f"flagged_all_{tag}"] = 100.0 * float(flagged.mean())
-      out[f"fpr_test_{tag}"] = 100.0 * float(np.mean(
-          np.asarray(attractors.detect(self.w_test, cal)[0])))
+      out[f"fpr_test_{tag}"] = test_fpr
       if tag == _fpr_tag(self.cals[0].target_fpr):
         scores = np.asarray(attractors.detection_score(w, cal))[success]
         out["auc"] = (100.0 * float(metrics.roc_auc_score(
@@ -314,11 +316,10 @@ def _table2(setup: _Setup) -> dict[str, Any]:
 
 def _calibration(setup: _Setup) -> list[dict[str, Any]]:
   rows = []
-  for cal in setup.cals:
-    flagged = np.asarray(attractors.detect(setup.w_test, cal)[0])
+  for cal, test_fpr in zip(setup.cals, setup.test_fprs, strict=True):
     rows.append({"target_fpr": 100 * cal.target_fpr,
                  "calibration_fpr": 100 * cal.calibration_fpr,
-                 "test_fpr": 100.0 * float(flagged.mean()), "n_calibration": len(setup.w_cal),
+                 "test_fpr": test_fpr, "n_calibration": len(setup.w_cal),
                  "n_test": len(setup.w_test), "tail": cal.tail, "upper": cal.upper,
                  "lower": cal.lower, "sigma0": cal.sigma0})
   return rows
