@@ -223,14 +223,15 @@ def test_uap_deterministic_per_key(digits_train):
   assert not np.array_equal(np.asarray(a), np.asarray(c))  # another image order
 
 
-def test_uap_pass_equals_sequential_reference(digits_train):
-  # One jitted scan pass must equal the paper's Python loop over the (shuffled) images, with
-  # DeepFool run on each not-yet-fooled image one at a time.
+@pytest.mark.parametrize("loop_mode", ["host", "fused"])
+def test_uap_pass_equals_sequential_reference(digits_train, loop_mode):
+  # A pass (host loop, or one jitted scan) must equal the paper's Python loop over the
+  # (shuffled) images, with DeepFool run on each not-yet-fooled image one at a time.
   logits_fn, _, _ = digits_model()
   xt, _ = digits_train
   xs, key, eps, max_iter, overshoot = xt[:25], jax.random.key(3), 0.2, 10, 0.02
   v, _ = uap(logits_fn, xs, key, eps=eps, fool_rate=1.0, max_outer_iters=1,
-             deepfool_max_iter=max_iter, deepfool_overshoot=overshoot)
+             deepfool_max_iter=max_iter, deepfool_overshoot=overshoot, loop_mode=loop_mode)
   order = np.asarray(jax.random.permutation(jax.random.fold_in(key, 0), xs.shape[0]))
   preds = jnp.argmax(logits_fn(xs), -1)
   ref = jnp.zeros(xs.shape[1:])

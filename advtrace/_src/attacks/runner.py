@@ -667,6 +667,8 @@ def _prepare(config, workdir, spec, kwargs, context: Context):
   accepted = catalog.accepted_kwargs(prepare)
   if len(rest.labels) and (accepted is None or {"x_val", "labels_val"} <= accepted):
     prepare_kwargs.update(x_val=rest.images, labels_val=rest.labels)
+  if accepted is None or "loop_mode" in accepted:
+    prepare_kwargs["loop_mode"] = config.loop_mode
   logging.info("%s: computing the perturbation on %d training images (fooling rate on %d).",
                spec.name, len(subset.labels), len(rest.labels) or len(subset.labels))
   t0 = time.perf_counter()
