@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from advtrace._src import qim
+from advtrace._src import xla
 from advtrace._src.attacks.base import LogitsFn
 
 
@@ -37,7 +38,7 @@ def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
   return jnp.where(norm > 0, jnp.dot(a, b) / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2))
+@functools.partial(xla.jit, static_argnums=(0, 2))
 def gradient_paths(classifier: LogitsFn, messages: jax.Array, cfg: qim.QIMConfig,
                    x: jax.Array, y: jax.Array) -> dict[str, jax.Array]:
   r"""Fig. 5's magnitudes per example, all L1 norms.
@@ -79,7 +80,7 @@ def gradient_paths(classifier: LogitsFn, messages: jax.Array, cfg: qim.QIMConfig
   return jax.vmap(one)(x, y)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
+@functools.partial(xla.jit, static_argnums=(2,))
 def nearest_attractors(x: jax.Array, messages: jax.Array,
                        cfg: qim.QIMConfig) -> tuple[jax.Array, jax.Array]:
   """The nearest attractor of every message (D11) and the L2-nearest of them, per example.
@@ -100,7 +101,7 @@ def nearest_attractors(x: jax.Array, messages: jax.Array,
   return jnp.take_along_axis(attractors, t[:, None, None, None, None], axis=1)[:, 0], t
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
+@functools.partial(xla.jit, static_argnums=(0,))
 def soft_label_cosine(logits_fn: LogitsFn, x: jax.Array, x_w: jax.Array,
                       t: jax.Array) -> jax.Array:
   r"""cos(:math:`x_w - x`, :math:`-\nabla_x J(x, t)`) per example, J the cross-entropy on ``t``.
@@ -117,7 +118,7 @@ def soft_label_cosine(logits_fn: LogitsFn, x: jax.Array, x_w: jax.Array,
   return jax.vmap(_cosine)(-grads, x_w - x)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6))
+@functools.partial(xla.jit, static_argnums=(0, 6))
 def local_density(logits_fn: LogitsFn, x: jax.Array, t: jax.Array, y: jax.Array,
                   keys: jax.Array, radius: jax.Array, num_directions: int):
   r"""Monte-Carlo local density :math:`H_\delta` and its gradient direction (D11), per example.

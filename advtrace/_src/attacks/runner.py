@@ -54,6 +54,7 @@ from advtrace._src import batching
 from advtrace._src import checks
 from advtrace._src import data
 from advtrace._src import weights as weights_lib
+from advtrace._src import xla
 from advtrace._src.attacks import catalog
 from advtrace._src.attacks import settings as settings_lib
 from advtrace._src.models import deepsec_weights
@@ -345,7 +346,7 @@ def _load_context(config: ml_collections.ConfigDict) -> Context:
   weights_lib.check_variables(net, variables, (1, *ds.images.shape[1:]),
                               what=f"weights {config.weights!r}")
   logits_fn = registry.logits_fn(net, jax.device_put(variables))
-  clean = batching.map_batched(jax.jit(logits_fn), ds.images, int(config.eval_batch_size))
+  clean = batching.map_batched(xla.jit(logits_fn), ds.images, int(config.eval_batch_size))
   logging.info("Loaded %s (%s) and %s/%s (%d examples, clean accuracy %.2f%%) in %.1f s.",
                model_name, config.weights, ds.name, config.split, len(ds.labels),
                100 * np.mean(np.argmax(clean, -1) == ds.labels), time.perf_counter() - t0)
