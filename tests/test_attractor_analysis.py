@@ -83,3 +83,19 @@ def test_local_density_on_a_half_space():
   far = analysis.density_cosine(logits_fn, x - 10 * normal, x, jnp.array([1, 1]),
                                 jnp.array([0, 0]), keys, 0.5, 100)
   np.testing.assert_array_equal(np.asarray(far["cosine"]), 0.0)
+
+
+def test_local_attractors_sit_on_the_finest_lattice_of_their_message():
+  secret = _secret()
+  x = jax.random.uniform(jax.random.key(6), (4,) + SHAPE).at[0].set(0.0).at[1].set(1.0)
+  t = jnp.array([0, 3, 5, 9])
+  x_l = analysis.local_attractors(x, secret.messages, CFG, t)
+  assert x_l.shape == x.shape
+  assert np.all(np.asarray(x_l) >= 0) and np.all(np.asarray(x_l) <= 1)
+  fine = CFG.steps.index(min(CFG.steps))
+  delta = CFG.steps[fine]
+  for i in range(4):
+    q = qim.qim_distance(255 * x_l[i], secret.messages[t[i], fine], delta)
+    np.testing.assert_allclose(np.asarray(q), 0.0, atol=1e-3)
+  # At most 1.5 steps away (half a step, or a full lattice period inward at the box edges).
+  assert float(jnp.max(jnp.abs(255 * (x_l - x)))) <= 1.5 * delta + 1e-3

@@ -3,7 +3,8 @@ r"""The measurements behind the injected-attractors paper's Fig. 5 and Fig. 7.
 - :func:`gradient_paths` (Fig. 5): the output magnitudes of :math:`C` and :math:`W` and the
   input gradient of the attack loss :math:`J = -\log M_y` split into the part that flows through
   :math:`C` and the part that flows through :math:`W`.
-- :func:`nearest_attractors`, :func:`soft_label_cosine`, :func:`density_cosine` (Fig. 7): the
+- :func:`nearest_attractors`, :func:`local_attractors`, :func:`soft_label_cosine`,
+  :func:`density_cosine` (Fig. 7): the
   cosine similarity between an attack's ascent direction toward class :math:`t` and the
   direction to the nearest attractor :math:`x_w` of message :math:`t`, for the soft-label loss
   and for the local-density loss :math:`H_\delta` of label-only attacks.
@@ -99,6 +100,36 @@ def nearest_attractors(x: jax.Array, messages: jax.Array,
                  axis=-1)
   t = jnp.argmin(dist, axis=-1)
   return jnp.take_along_axis(attractors, t[:, None, None, None, None], axis=1)[:, 0], t
+
+
+@functools.partial(xla.jit, static_argnums=(2,))
+def local_attractors(x: jax.Array, messages: jax.Array, cfg: qim.QIMConfig,
+                     t: jax.Array) -> jax.Array:
+  """The attractor of message ``t`` nearest to ``x`` on the finest QIM lattice only.
+
+  Every value moves to the nearest in-range codeword of its bit of ``messages[t]`` at the
+  smallest step size (at most half a step away); the other scales are left as they are. This is
+  where a gradient dominated by the finest lattice leads, unlike :func:`nearest_attractors`,
+  which must satisfy every scale at once.
+
+  Args:
+    x: images (B, H, W, C) in [0, 1].
+    messages: the secret bits, (num_messages, num_scales, H, W, C).
+    cfg: the decoder settings.
+    t: the message index per example, (B,).
+
+  Returns:
+    The local attractors, (B, H, W, C) in [0, 1].
+  """
+  s = min(range(len(cfg.steps)), key=lambda i: cfg.steps[i])
+  delta = cfg.steps[s]
+  bits = messages[t, s]
+  p = 255.0 * x
+  center = (0.5 + bits) * delta
+  code = center + 2.0 * delta * jnp.round((p - center) / (2.0 * delta))
+  code = jnp.where(code < 0.0, code + 2.0 * delta, jnp.where(code > 255.0, code - 2.0 * delta,
+                                                              code))
+  return code / 255.0
 
 
 @functools.partial(xla.jit, static_argnums=(0,))
