@@ -30,6 +30,17 @@ def test_qim_distance_in_range_and_zero_at_codewords(p, bit, delta):
   assert q == pytest.approx(np.min(np.abs(p - codewords)), abs=1e-3)
 
 
+@settings(max_examples=200, deadline=None)
+@given(p=st.floats(0.0, 255.0, allow_nan=False), bit=st.integers(0, 1),
+       delta=st.sampled_from([3.0, 64.0, 128.0]))
+def test_in_range_distance_uses_only_codewords_in_the_pixel_range(p, bit, delta):
+  q = float(qim.qim_distance(jnp.float32(p), jnp.float32(bit), delta, in_range=True))
+  codewords = (0.5 + bit) * delta + 2 * delta * np.arange(0, 200)
+  codewords = codewords[codewords <= 255.0]
+  assert q == pytest.approx(np.min(np.abs(p - codewords)), abs=1e-3)
+  assert 0.0 <= q <= qim.max_distance(delta, in_range=True) + 1e-4
+
+
 def test_codeword_lattice_matches_paper():
   # Codewords of bit 0 at 0.5d, 2.5d, ...; of bit 1 at 1.5d, 3.5d, ... (§V-E, Fig. 4, d=64).
   d = 64.0

@@ -127,7 +127,8 @@ def default_config() -> ml_collections.ConfigDict:
     ``<workdir>.secret/qim_key.npz``.
   - ``key_seed``: derive a new key from this seed (reproducible, but then the seed is the
     secret); None: from OS entropy.
-  - ``qim``: ``steps``, ``scale_weights``, ``a2``, ``toward_message`` (``qim.QIMConfig``).
+  - ``qim``: ``steps``, ``scale_weights``, ``a2``, ``toward_message``, ``in_range``
+    (``qim.QIMConfig``).
   - ``target_fprs``: the detector's operating points (paper: 5% and 0.5%).
   - ``calibration_split``, ``calibration_fraction``, ``calibration_seed``: the held-out clean
     images for F_d (D9: DEEPSEC's validation split, 10% of train, shuffle seed 100).
@@ -142,7 +143,7 @@ def default_config() -> ml_collections.ConfigDict:
   defaults = qim.QIMConfig()
   config.qim = ml_collections.ConfigDict({
       "steps": defaults.steps, "scale_weights": defaults.scale_weights, "a2": defaults.a2,
-      "toward_message": defaults.toward_message})
+      "toward_message": defaults.toward_message, "in_range": defaults.in_range})
   config.target_fprs = (0.05, 0.005)
   config.calibration_split = "train"
   config.calibration_fraction = 0.1
@@ -163,7 +164,7 @@ def default_config() -> ml_collections.ConfigDict:
 def qim_config(config: ml_collections.ConfigDict) -> qim.QIMConfig:
   c = config.qim
   return qim.QIMConfig(tuple(map(float, c.steps)), tuple(map(float, c.scale_weights)),
-                       float(c.a2), bool(c.toward_message))
+                       float(c.a2), bool(c.toward_message), bool(c.in_range))
 
 
 def default_key_path(workdir: str) -> str:

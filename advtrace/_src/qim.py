@@ -58,17 +58,41 @@ class QIMConfig(NamedTuple):
     toward_message: D1. True: w is high near the message (``v = 1 - r``). False: the
       literal reading of eq. (3) with ``v = r`` (w high far from the message), kept for the
       measurement that decided D1.
+    in_range: D2. False: the periodic lattice (every codeword ``c_m + 2 delta k``). True: only
+      the codewords inside [0, 255], the paper's listed non-negative ones; distances are then
+      normalised by the largest one possible in [0, 255] instead of ``delta``.
   """
   steps: tuple[float, ...] = (128.0, 3.0)
   scale_weights: tuple[float, ...] = (0.8, 0.2)
   a2: float = 1.0
   toward_message: bool = True
+  in_range: bool = False
 
 
-def qim_distance(p: jax.Array, bit: jax.Array, delta: float) -> jax.Array:
-  """Distance from values ``p`` (0..255 scale) to the nearest codeword of ``bit`` at ``delta``."""
+def qim_distance(p: jax.Array, bit: jax.Array, delta: float,
+                 in_range: bool = False) -> jax.Array:
+  """Distance from values ``p`` (0..255 scale) to the nearest codeword of ``bit`` at ``delta``.
+
+  With ``in_range`` only the codewords inside [0, 255] count (see :class:`QIMConfig`).
+  """
   center = (0.5 + bit) * delta
-  return delta - jnp.abs(jnp.mod(p - center, 2.0 * delta) - delta)
+  periodic = delta - jnp.abs(jnp.mod(p - center, 2.0 * delta) - delta)
+  if not in_range:
+    return periodic
+  highest = center + 2.0 * delta * jnp.floor((255.0 - center) / (2.0 * delta))
+  return jnp.where(p < center, center - p, jnp.where(p > highest, p - highest, periodic))
+
+
+def max_distance(delta: float, in_range: bool = False) -> float:
+  """The largest :func:`qim_distance` a value in [0, 255] can have, for either bit."""
+  if not in_range:
+    return float(delta)
+  worst = 0.0
+  for bit in (0, 1):
+    center = (0.5 + bit) * delta
+    highest = center + 2.0 * delta * np.floor((255.0 - center) / (2.0 * delta))
+    worst = max(worst, center, 255.0 - highest, delta)
+  return float(worst)
 
 
 def normalized_distance(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax.Array:
@@ -82,7 +106,8 @@ def normalized_distance(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax
   p = 255.0 * x
   total = 0.0
   for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights, strict=True)):
-    total = total + weight * jnp.mean(qim_distance(p, message[s], delta)) / delta
+    q = qim_distance(p, message[s], delta, cfg.in_range)
+    total = total + weight * jnp.mean(q) / max_distance(delta, cfg.in_range)
   return total / sum(cfg.scale_weights)
 
 
@@ -174,7 +199,8 @@ def nearest_attractor(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax.A
                                 p.reshape(1, -1)], axis=0)
   cost = 0.0
   for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights, strict=True)):
-    cost = cost + weight * qim_distance(candidates, message[s].reshape(1, -1), delta) / delta
+    q = qim_distance(candidates, message[s].reshape(1, -1), delta, cfg.in_range)
+    cost = cost + weight * q / max_distance(delta, cfg.in_range)
   # Lexicographic (cost, distance): costs are exact piecewise-linear values, so round them.
   key_ = jnp.round(cost * 1e6) + jnp.abs(candidates - p.reshape(1, -1)) / 1e3
   best = jnp.take_along_axis(candidates, jnp.argmin(key_, axis=0)[None], axis=0)[0]

@@ -35,7 +35,8 @@ def main(n: int, variants: list[dict], attacks: list[str]) -> None:
   _, val = data.deepsec_split(data.load("mnist", "train", config.data_dir), 0.1, 100)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(n))
   for v in variants:
-    cfg = qim.QIMConfig(tuple(v["steps"]), tuple(v["weights"]), v["a2"], v["toward"])
+    cfg = qim.QIMConfig(tuple(v["steps"]), tuple(v["weights"]), v["a2"], v["toward"],
+                        v.get("in_range", False))
     secret = qim.new_secret_key(jax.random.key(12345), 10, (28, 28, 1), cfg)
     decoder = xla.jit(at.decoder_fn(secret, cfg))
     cal = at.calibrate(batching.map_batched(decoder, val.images[:3000], 500), 0.05)
