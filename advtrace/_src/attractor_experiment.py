@@ -225,17 +225,9 @@ class _Setup:
         "target_fprs": list(c.target_fprs), "calibration": [
             c.calibration_split, c.calibration_fraction, c.calibration_seed],
         "candidate_seed": c.candidate_seed, "seed": c.seed}, default=atomic.json_default))
-    path = os.path.join(self.workdir, "experiment_config.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        saved = json.load(f)
-      if saved != fp:
-        diff = sorted(k for k in set(saved) | set(fp) if saved.get(k) != fp.get(k))
-        raise ValueError(f"{self.workdir} holds an attractor experiment with other settings "
-                         f"(differs in {diff}); use a fresh workdir.")
-    else:
-      os.makedirs(self.workdir, exist_ok=True)
-      atomic.write_json(path, fp)
+    os.makedirs(self.workdir, exist_ok=True)
+    runner.check_fingerprint(os.path.join(self.workdir, "experiment_config.json"), fp,
+                             "an attractor experiment with other settings")
 
   def _clean_outputs(self):
     path = os.path.join(self.workdir, "clean_w.npz")

@@ -440,23 +440,31 @@ def _pool(config) -> int:
   return max(int(config.candidate_pool), int(config.n_examples))
 
 
+def check_fingerprint(path: str, fingerprint: dict[str, Any], what: str) -> None:
+  """Records ``fingerprint`` (JSON) at ``path``, or checks that the one recorded there is equal.
+
+  Raises:
+    ValueError: the folder holds ``what`` with other settings (the message names the keys).
+  """
+  if not os.path.exists(path):
+    atomic.write_json(path, fingerprint)
+    return
+  with open(path) as f:
+    saved = json.load(f)
+  if saved != fingerprint:
+    diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+    raise ValueError(f"{os.path.dirname(path)} holds {what} (differs in {diff}); use a fresh "
+                     "workdir, or delete it to start over.")
+
+
 def _prepare_workdir(workdir: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
   """Checks a reused workdir; returns saved results if this exact run already finished."""
   os.makedirs(workdir, exist_ok=True)
-  run_config = os.path.join(workdir, _RUN_CONFIG)
-  if os.path.exists(run_config):
-    with open(run_config) as f:
-      saved = json.load(f)
-    if saved != fingerprint:
-      diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
-      raise ValueError(f"{workdir} holds a different attack run (differs in {diff}); use a fresh "
-                       "workdir, or delete it to start over.")
-    results = os.path.join(workdir, "results.json")
-    if os.path.exists(results) and os.path.exists(os.path.join(workdir, "adversarial.npz")):
-      with open(results) as f:
-        return json.load(f)
-  else:
-    atomic.write_json(run_config, fingerprint)
+  check_fingerprint(os.path.join(workdir, _RUN_CONFIG), fingerprint, "a different attack run")
+  results = os.path.join(workdir, "results.json")
+  if os.path.exists(results) and os.path.exists(os.path.join(workdir, "adversarial.npz")):
+    with open(results) as f:
+      return json.load(f)
   return None
 
 
@@ -838,7 +846,8 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
 
 
 __all__ = [
-    "Context", "PAPER_TABLE1_ASR", "attack_config", "clear_context_cache", "deepsec_candidates",
+    "Context", "PAPER_TABLE1_ASR", "attack_config", "check_fingerprint", "clear_context_cache",
+    "deepsec_candidates",
     "default_config",
     "default_reproduce_config", "device_info", "load_context", "reproduce_attacks",
     "resolve_attack", "results_markdown", "run_attack", "run_resolved", "summary_markdown",
