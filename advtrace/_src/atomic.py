@@ -38,6 +38,19 @@ def write_text(path: str | os.PathLike, text: str) -> None:
   write_bytes(path, text.encode())
 
 
+def write_figure(workdir: str | os.PathLike, fig, name: str) -> str:
+  """Saves a matplotlib figure atomically as ``<workdir>/figures/<name>.png``.
+
+  Returns:
+    The path relative to ``workdir``, for linking from a Markdown report.
+  """
+  rel = f"figures/{name}.png"
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+  write_bytes(os.path.join(workdir, rel), buffer.getvalue())
+  return rel
+
+
 def json_default(obj):
   """JSON encoding of NumPy/JAX values, ConfigDicts and tuples."""
   if isinstance(obj, (np.generic, np.ndarray, jax.Array)):

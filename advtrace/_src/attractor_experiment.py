@@ -23,7 +23,6 @@ References:
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import secrets
@@ -329,14 +328,6 @@ def _cached(path: str, compute) -> dict[str, Any]:
   return result
 
 
-def _save_figure(workdir: str, fig: Figure, name: str) -> str:
-  rel = f"figures/{name}.png"
-  buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-  atomic.write_bytes(os.path.join(workdir, rel), buffer.getvalue())
-  return rel
-
-
 def _summary(values: np.ndarray) -> dict[str, float]:
   return {"mean": float(np.mean(values)), "median": float(np.median(values)),
           "p5": float(np.percentile(values, 5)), "p95": float(np.percentile(values, 95))}
@@ -362,7 +353,7 @@ def _fig5(setup: _Setup) -> dict[str, Any]:
     ax2.hist(np.log10(values[key] + 1e-12), bins=50, alpha=0.6, label=label)
   ax2.set_xlabel(r"log10 $\|\nabla_x J\|_1$, $J = -\log M_y$")
   ax2.legend()
-  figure = _save_figure(setup.workdir, fig, "fig5_magnitudes")
+  figure = atomic.write_figure(setup.workdir, fig, "fig5_magnitudes")
   return {"n_examples": n, "figure": figure,
           **{k: _summary(v) for k, v in values.items()},
           "fraction_w_path_dominates": float(np.mean(values["grad_j_via_w"]
@@ -417,7 +408,7 @@ def _fig7(setup: _Setup) -> dict[str, Any]:
   ax2.set_xlabel(rf"cos($x_w - x$, $\nabla_x H_\delta$), $\delta$ = {radius:g}")
   ax1.legend()
   ax2.legend()
-  out["figure"] = _save_figure(setup.workdir, fig, "fig7_cosines")
+  out["figure"] = atomic.write_figure(setup.workdir, fig, "fig7_cosines")
   return out
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import os
 import pathlib
 import time
@@ -93,12 +92,7 @@ class Context:
 
   def save_figure(self, fig: Figure, name: str) -> str:
     """Saves ``fig`` atomically as ``figures/<name>.png``; returns the path relative to workdir."""
-    rel = f"figures/{name}.png"
-    path = self.workdir / rel
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    atomic.write_bytes(path, buffer.getvalue())
-    return rel
+    return atomic.write_figure(self.workdir, fig, name)
 
 
 class Section(NamedTuple):
