@@ -211,7 +211,8 @@ class _Setup:
     self._check_fingerprint()
     self.w_cal, self.w_test, self.m_test_logits = self._clean_outputs()
     self.cals = [attractors.calibrate(self.w_cal, fpr) for fpr in config.target_fprs]
-    self.test_scores = [np.asarray(attractors.detection_score(self.w_test, c)) for c in self.cals]
+    # The score's standardisation (calibration-set mean and SD) is the same for every target FPR.
+    self.test_scores = np.asarray(attractors.detection_score(self.w_test, self.cals[0]))
     self.test_fprs = [100.0 * float(np.mean(np.asarray(attractors.detect(self.w_test, c)[0])))
                       for c in self.cals]
 
@@ -243,10 +244,15 @@ class _Setup:
     atomic.write_npz(path, {"w_calibration": w_cal, "w_test": w_test, "m_test_logits": m_test})
     return w_cal, w_test, m_test
 
-  def wrapped(self, logits_fn, name: str) -> runner.Context:
-    """C's context with another attacked model (candidates and their order stay C's)."""
-    test_logits = batching.map_batched(xla.jit(logits_fn), self.context.dataset.images,
-                                       self.batch)
+  def wrapped(self, logits_fn, name: str,
+              test_logits: np.ndarray | None = None) -> runner.Context:
+    """C's context with another attacked model (candidates and their order stay C's).
+
+    ``test_logits``: the model's logits on the test split, if already computed.
+    """
+    if test_logits is None:
+      test_logits = batching.map_batched(xla.jit(logits_fn), self.context.dataset.images,
+                                         self.batch)
     return self.context._replace(
         logits_fn=logits_fn, model=f"{self.context.model}+{name}",
         weights_id=f"{self.context.weights_id}+{name}:{self.secret.fingerprint()}:"
@@ -263,8 +269,7 @@ class _Setup:
     out: dict[str, Any] = {"n_examples": n, "n_success": int(success.sum()),
                            "attack_success_rate": 100.0 * float(success.mean())}
     recovered = np.asarray(attractors.recover(w))
-    for cal, clean_scores, test_fpr in zip(self.cals, self.test_scores, self.test_fprs,
-                                           strict=True):
+    for cal, test_fpr in zip(self.cals, self.test_fprs, strict=True):
       tag = _fpr_tag(cal.target_fpr)
       flagged = np.asarray(attractors.detect(w, cal)[0])
       hit = flagged & success
@@ -275,11 +280,10 @@ class _Setup:
       out[f"overall_asr_{tag}"] = (out["attack_success_rate"] * (1.0 - (tpr or 0.0) / 100.0))
       out[f"flagged_all_{tag}"] = 100.0 * float(flagged.mean())
       out[f"fpr_test_{tag}"] = test_fpr
-      if tag == _fpr_tag(self.cals[0].target_fpr):
-        scores = np.asarray(attractors.detection_score(w, cal))[success]
-        out["auc"] = (100.0 * float(metrics.roc_auc_score(
-            np.r_[np.zeros(len(clean_scores)), np.ones(len(scores))],
-            np.r_[clean_scores, scores])) if len(scores) else None)
+    scores = np.asarray(attractors.detection_score(w, self.cals[0]))[success]
+    out["auc"] = (100.0 * float(metrics.roc_auc_score(
+        np.r_[np.zeros(len(self.test_scores)), np.ones(len(scores))],
+        np.r_[self.test_scores, scores])) if len(scores) else None)
     return out
 
 
@@ -535,7 +539,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     save()
   table1: dict[str, Any] = {}
   if "table1" in config.stages:
-    m_context = setup.wrapped(setup.m_logits, "attractors")
+    m_context = setup.wrapped(setup.m_logits, "attractors", setup.m_test_logits)
     results["table1"] = []
     for name in config.attacks:
       table1[name] = _table1_row(setup, name, m_context)

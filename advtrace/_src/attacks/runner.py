@@ -331,10 +331,11 @@ def _load_context(config: ml_collections.ConfigDict) -> Context:
                      "../shared/weights/deepsec/MNIST_raw.pt) or the workdir of an "
                      "experiments/train.py run.")
   model_name, variables = weights_lib.load_weights(config.weights, config.model or None)
-  num_classes, model_kwargs = ds.num_classes, _parse_kwargs(config.model_kwargs, "model_kwargs")
+  extra_kwargs = _parse_kwargs(config.model_kwargs, "model_kwargs")
+  num_classes, model_kwargs = ds.num_classes, extra_kwargs
   if os.path.isdir(config.weights):
     metadata = weights_lib.checkpoint_metadata(config.weights)
-    model_kwargs = {**(metadata.get("model_kwargs") or {}), **model_kwargs}
+    model_kwargs = {**(metadata.get("model_kwargs") or {}), **extra_kwargs}
     num_classes = int(metadata.get("num_classes", num_classes))
     weights_id = config.weights
   else:
@@ -350,8 +351,8 @@ def _load_context(config: ml_collections.ConfigDict) -> Context:
   logging.info("Loaded %s (%s) and %s/%s (%d examples, clean accuracy %.2f%%) in %.1f s.",
                model_name, config.weights, ds.name, config.split, len(ds.labels),
                100 * np.mean(np.argmax(clean, -1) == ds.labels), time.perf_counter() - t0)
-  if config.model_kwargs and config.model_kwargs.strip():
-    model_name += json.dumps(_parse_kwargs(config.model_kwargs, "model_kwargs"), sort_keys=True)
+  if extra_kwargs:
+    model_name += json.dumps(extra_kwargs, sort_keys=True)
   return Context(model_name, str(config.weights), weights_id, logits_fn, ds, clean,
                  time.perf_counter() - t0)
 
@@ -537,7 +538,7 @@ def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], cont
     merged = {k: np.concatenate(v) for k, v in parts.items()}
     parts = {k: [v] for k, v in merged.items()}
     atomic.write_npz(partial_path, {**merged, "n_done": np.int64(n_done),
-                              "attack_time_s": np.float64(attack_time)})
+                                    "attack_time_s": np.float64(attack_time)})
     logging.info("%s: batch %d/%d done (%d/%d examples), ASR so far %.1f%%, %.2f s.", spec.name,
                  b + 1, num_batches, n_done, n, 100 * np.mean(merged["success"]), elapsed)
 
@@ -847,9 +848,7 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
 
 __all__ = [
     "Context", "PAPER_TABLE1_ASR", "attack_config", "check_fingerprint", "clear_context_cache",
-    "deepsec_candidates",
-    "default_config",
-    "default_reproduce_config", "device_info", "load_context", "reproduce_attacks",
-    "resolve_attack", "results_markdown", "run_attack", "run_resolved", "summary_markdown",
-    "summary_rows",
+    "deepsec_candidates", "default_config", "default_reproduce_config", "device_info",
+    "load_context", "reproduce_attacks", "resolve_attack", "results_markdown", "run_attack",
+    "run_resolved", "summary_markdown", "summary_rows",
 ]
