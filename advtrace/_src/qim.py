@@ -79,20 +79,33 @@ def qim_distance(p: jax.Array, bit: jax.Array, delta: float,
   periodic = delta - jnp.abs(jnp.mod(p - center, 2.0 * delta) - delta)
   if not in_range:
     return periodic
-  highest = center + 2.0 * delta * jnp.floor((255.0 - center) / (2.0 * delta))
+  highest = _highest_codeword(center, delta)
   return jnp.where(p < center, center - p, jnp.where(p > highest, p - highest, periodic))
+
+
+def _highest_codeword(center, delta: float):
+  """The largest codeword ``center + 2 delta k`` (k >= 0) that is at most 255."""
+  return center + 2.0 * delta * jnp.floor((255.0 - center) / (2.0 * delta))
 
 
 def max_distance(delta: float, in_range: bool = False) -> float:
   """The largest :func:`qim_distance` a value in [0, 255] can have, for either bit."""
   if not in_range:
     return float(delta)
-  worst = 0.0
+  worst = float(delta)
   for bit in (0, 1):
     center = (0.5 + bit) * delta
-    highest = center + 2.0 * delta * np.floor((255.0 - center) / (2.0 * delta))
-    worst = max(worst, center, 255.0 - highest, delta)
-  return float(worst)
+    worst = max(worst, center, 255.0 - float(_highest_codeword(center, delta)))
+  return worst
+
+
+def _weighted_distance(p: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax.Array:
+  """Per value, the scale-weighted sum of normalised distances; ``message[s]`` broadcasts to p."""
+  total = 0.0
+  for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights, strict=True)):
+    q = qim_distance(p, message[s], delta, cfg.in_range)
+    total = total + weight * q / max_distance(delta, cfg.in_range)
+  return total
 
 
 def normalized_distance(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax.Array:
@@ -103,12 +116,7 @@ def normalized_distance(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax
     message: bits of shape ``(len(cfg.steps),) + x.shape``.
     cfg: the decoder settings.
   """
-  p = 255.0 * x
-  total = 0.0
-  for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights, strict=True)):
-    q = qim_distance(p, message[s], delta, cfg.in_range)
-    total = total + weight * jnp.mean(q) / max_distance(delta, cfg.in_range)
-  return total / sum(cfg.scale_weights)
+  return jnp.mean(_weighted_distance(255.0 * x, message, cfg)) / sum(cfg.scale_weights)
 
 
 def correlation(r: jax.Array, cfg: QIMConfig) -> jax.Array:
@@ -197,10 +205,7 @@ def nearest_attractor(x: jax.Array, message: jax.Array, cfg: QIMConfig) -> jax.A
   grid = jnp.where(grid <= 255.0, grid, 255.0)
   candidates = jnp.concatenate([jnp.broadcast_to(grid[:, None], (grid.size, p.size)),
                                 p.reshape(1, -1)], axis=0)
-  cost = 0.0
-  for s, (delta, weight) in enumerate(zip(cfg.steps, cfg.scale_weights, strict=True)):
-    q = qim_distance(candidates, message[s].reshape(1, -1), delta, cfg.in_range)
-    cost = cost + weight * q / max_distance(delta, cfg.in_range)
+  cost = _weighted_distance(candidates, message.reshape(message.shape[0], 1, -1), cfg)
   # Lexicographic (cost, distance): costs are exact piecewise-linear values, so round them.
   key_ = jnp.round(cost * 1e6) + jnp.abs(candidates - p.reshape(1, -1)) / 1e3
   best = jnp.take_along_axis(candidates, jnp.argmin(key_, axis=0)[None], axis=0)[0]
