@@ -67,6 +67,20 @@ class _Config(NamedTuple):
   clip_max: float
 
 
+def _converged(cfg: _Config, updates):
+  """The reference's rule: only a DeepFool that converged early updates ``v``."""
+  return updates < cfg.deepfool_max_iter - 1
+
+
+def _add(cfg: _Config, v, r_tot, eps, overshoot):
+  """``project(v + dr)``, ``dr`` DeepFool's perturbation (with the overshoot unless deepsec_dr)."""
+  dr = r_tot if cfg.deepsec_dr else (1.0 + overshoot) * r_tot
+  return projections.project(v + dr, eps, cfg.norm)
+
+
+_add_jit = jax.jit(_add, static_argnums=0)  # for the host pass (the fused one inlines _add)
+
+
 @functools.partial(xla.jit, static_argnums=(0, 1))
 def _uap_pass(logits_fn, cfg: _Config, v, xs, preds, eps, overshoot):
   """One sequential pass of the UAP algorithm over ``xs`` (in the given order)."""
@@ -81,9 +95,8 @@ def _uap_pass(logits_fn, cfg: _Config, v, xs, preds, eps, overshoot):
       s = deepfool.run_deepfool_single(
           logits_fn, xp, yi, overshoot=overshoot, max_iter=cfg.deepfool_max_iter,
           num_candidates=cfg.num_candidates, clip_min=cfg.clip_min, clip_max=cfg.clip_max)
-      dr = s.r_tot if cfg.deepsec_dr else (1.0 + overshoot) * s.r_tot
-      ok = s.updates < cfg.deepfool_max_iter - 1
-      return jnp.where(ok, projections.project(v + dr, eps, cfg.norm), v), ok
+      ok = _converged(cfg, s.updates)
+      return jnp.where(ok, _add(cfg, v, s.r_tot, eps, overshoot), v), ok
 
     v, changed = jax.lax.cond(fooled, lambda v: (v, jnp.bool_(False)), improve, v)
     return (v, updates + changed.astype(jnp.int32)), None
@@ -97,11 +110,6 @@ def _fools(logits_fn, v, xi, yi, clip_min, clip_max):
   return jnp.argmax(base.single_logits(logits_fn, jnp.clip(xi + v, clip_min, clip_max))) != yi
 
 
-@functools.partial(xla.jit, static_argnums=(3,))
-def _add(v, dr, eps, norm):
-  return projections.project(v + dr, eps, norm)
-
-
 def _uap_pass_host(logits_fn, cfg: _Config, v, xs, preds, eps, overshoot):
   """:func:`_uap_pass` driven from the host, image by image (same updates)."""
   updates = 0
@@ -113,9 +121,8 @@ def _uap_pass_host(logits_fn, cfg: _Config, v, xs, preds, eps, overshoot):
         logits_fn, xp, yi[None], norm="l2", overshoot=overshoot[None],
         max_iter=cfg.deepfool_max_iter, num_candidates=cfg.num_candidates,
         deepsec_extra_step=False, clip_min=cfg.clip_min, clip_max=cfg.clip_max, loop_mode="host")
-    if int(s.updates[0]) < cfg.deepfool_max_iter - 1:
-      dr = s.r_tot[0] if cfg.deepsec_dr else (1.0 + overshoot) * s.r_tot[0]
-      v = _add(v, dr, eps, cfg.norm)
+    if _converged(cfg, int(s.updates[0])):
+      v = _add_jit(cfg, v, s.r_tot[0], eps, overshoot)
       updates += 1
   return v, updates
 
