@@ -1,5 +1,8 @@
 """Tests for FGSM, R+FGSM, BIM, PGD and MI-FGSM (and their targeted/least-likely forms)."""
 
+import logging
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +13,7 @@ from attack_testing import linear_model
 from attack_testing import run_standard_properties
 
 from advtrace import attacks
+from advtrace._src.attacks import loop
 
 CASES = [
     AttackCase("fgsm_linf", attacks.fgsm, dict(eps=0.1), zero_kwargs=dict(eps=0.0), norm="linf"),
@@ -137,3 +141,27 @@ def test_raw_uint32_key_is_rejected():
   with pytest.raises(TypeError, match="typed PRNG key"):
     attacks.pgd(logits_fn, x[:2], y[:2], jax.random.PRNGKey(0), eps=0.1, step_size=0.1,
                 num_steps=1)
+
+
+class _CountState(NamedTuple):
+  x: jax.Array
+  active: jax.Array
+  iteration: jax.Array
+
+
+def _count_up(logits_fn, cfg, s):
+  del logits_fn, cfg
+  return s._replace(x=s.x + 1.0, active=s.x + 1.0 < 3.0)
+
+
+@pytest.mark.parametrize("log_every_s,expected_lines", [(0.0, 2), (None, 0)])
+def test_host_loop_logs_progress(caplog, log_every_s, expected_lines):
+  state = _CountState(jnp.zeros(4), jnp.ones(4, bool), jnp.zeros(4, jnp.int32))
+  with caplog.at_level(logging.INFO, logger="absl"):
+    out = loop.run(_count_up, None, None, state, 10, loop="host", log_every_s=log_every_s)
+  lines = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+  # Steps 1 and 2 leave examples running and log; step 3 finishes them all and exits.
+  assert len(lines) == expected_lines
+  if expected_lines:
+    assert lines[0] == "_count_up: step 1/10, 4 examples still running."
+  np.testing.assert_array_equal(np.asarray(out.iteration), 3)

@@ -10,7 +10,8 @@ The driver vmaps the step over the batch, freezes finished examples, counts iter
 the loop either
 
 - ``"fused"``: one jitted ``lax.while_loop``, stopping when every example is done; or
-- ``"host"``: a Python loop over the jitted step, with early exit and a progress callback.
+- ``"host"``: a Python loop over the jitted step, with early exit, a progress callback, and a
+  log line (step, examples still running) at most every ``log_every_s`` seconds.
   Once at most half of the batch is still active, the active examples are gathered into a
   smaller batch (a power of two, at least ``_MIN_BUCKET``), so finished examples stop costing
   compute; this compiles the step for at most log2(batch) extra shapes, once each.
@@ -27,12 +28,14 @@ batch of the same shape never retraces. Pass the *same* ``logits_fn`` object to 
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from advtrace._src import xla
 
@@ -101,7 +104,8 @@ def resolve_loop(loop: str) -> str:
 
 
 def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "auto",
-        progress: ProgressFn | None = None, check_every: int = 1):
+        progress: ProgressFn | None = None, check_every: int = 1,
+        log_every_s: float | None = 60.0):
   """Runs ``num_steps`` steps of ``step_fn`` on a batch ``state`` (see the module docstring).
 
   Args:
@@ -113,6 +117,9 @@ def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "
     loop: ``"auto"``, ``"host"`` or ``"fused"``.
     progress: optional ``progress(step, state)`` callback, called after each host step.
     check_every: in host mode, test for early exit every this many steps (each test syncs).
+    log_every_s: in host mode, log progress at an early-exit test when at least this many
+      seconds have passed since the last log line (None: never), so hour-long batches show
+      that they move.
 
   Returns:
     The final batched state.
@@ -121,6 +128,7 @@ def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "
   if mode == "fused":
     return _fused(step_fn, logits_fn, cfg, state, jnp.int32(num_steps))
   full, rows = state, None  # ``state`` holds the rows ``rows`` of ``full`` (None: all)
+  last_log = time.monotonic()
   for i in range(num_steps):
     state = _jit_step(step_fn, logits_fn, cfg, state)
     if progress is not None:
@@ -130,6 +138,10 @@ def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "
     active = np.asarray(state.active)
     if not active.any():
       break
+    if log_every_s is not None and time.monotonic() - last_log >= log_every_s:
+      last_log = time.monotonic()
+      logging.info("%s: step %d/%d, %d examples still running.", step_fn.__name__, i + 1,
+                   num_steps, int(active.sum()))
     size = _bucket(int(active.sum()))
     if size <= active.size // 2:
       # Pad with a finished row: its step result is discarded by _freeze_done.
