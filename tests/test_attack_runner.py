@@ -293,6 +293,19 @@ def test_reproduce_runs_skips_and_tabulates(checkpoint, tmp_path, monkeypatch):
       r["attack_success_rate"] for r in summary["rows"]]
 
 
+def test_reproduce_summary_keeps_attacks_finished_by_earlier_runs(checkpoint, tmp_path):
+  runner.reproduce_attacks(_reproduce_config(checkpoint, ("llc",)), tmp_path)
+  summary = runner.reproduce_attacks(_reproduce_config(checkpoint, ("fgsm",)), tmp_path)
+  assert [(r["attack"], r["status"]) for r in summary["rows"]] == [
+      ("fgsm", "done"), ("llc", "done (earlier run)")]  # Table I order
+  llc = json.loads((tmp_path / "llc" / "results.json").read_text())
+  assert summary["rows"][1]["attack_success_rate"] == llc["attack_success_rate"]
+  # A finished run with other settings is not the same table: left out.
+  other = _reproduce_config(checkpoint, ("fgsm",))
+  other.n_examples.llc = N - 2
+  assert [r["attack"] for r in runner.reproduce_attacks(other, tmp_path)["rows"]] == ["fgsm"]
+
+
 def test_reproduce_checks_every_attack_first(checkpoint, tmp_path):
   config = _reproduce_config(checkpoint, ("fgsm", "square"))  # square: no table7 entry
   with pytest.raises(ValueError, match="cannot run 'square'"):

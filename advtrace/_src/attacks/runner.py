@@ -721,7 +721,9 @@ def reproduce_attacks(config: ml_collections.ConfigDict,
 
   Each attack runs in ``<workdir>/<attack>/`` through the resumable runner, so rerunning skips
   finished attacks and resumes an interrupted one. After each attack the summary
-  (``results.json``, ``results.md``) is rewritten.
+  (``results.json``, ``results.md``) is rewritten; it also lists the attacks that earlier runs
+  (or a run beside this one) finished in the same workdir with the same settings, so a table
+  made in pieces (``config.attacks`` one attack at a time) is whole. Rows follow Table I's order.
 
   Args:
     config: see :func:`default_reproduce_config`.
@@ -832,7 +834,34 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
+def _finished_elsewhere(config, workdir: str, names, context: Context) -> list[_Row]:
+  """Rows for attacks outside ``names`` that are finished in ``workdir`` with these settings."""
+  rows = []
+  for name in catalog.names():
+    sub = os.path.join(workdir, name)
+    if name in names or not os.path.exists(os.path.join(sub, "results.json")):
+      continue
+    try:
+      spec, kwargs = resolve_attack(name, config.settings, config.attack_kwargs,
+                                    config.fallback_settings)
+      done = _prepare_workdir(sub, _fingerprint(attack_config(config, name), spec, kwargs,
+                                                context))
+    except (ValueError, NotImplementedError) as e:
+      logging.warning("%s: the finished run in %s is left out of the summary: %s", name, sub, e)
+      continue
+    if done is not None:
+      rows.append(_Row(name, spec.threat, "done (earlier run)", done))
+  return rows
+
+
+def _table_order(row: _Row) -> int:
+  order = catalog.DEEPSEC_ATTACKS
+  return order.index(row.attack) if row.attack in order else len(order)
+
+
 def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any]:
+  rows = rows + _finished_elsewhere(config, workdir, set(config.attacks), context)
+  rows = sorted(rows, key=_table_order)
   summary = {
       "model": context.model, "weights": context.weights, "dataset": context.dataset.name,
       "split": config.split, "settings": config.settings,
