@@ -71,6 +71,18 @@ def test_full_run_then_resume(tmp_path):
   assert os.stat(workdir / "attractor" / "fgsm" / "adversarial.npz").st_mtime_ns == stamp
   assert again["table1"] == results["table1"]
 
+  # A run of one attack keeps what earlier runs finished, in Table I order; an earlier run
+  # with other settings (here llc's example count) is left out rather than failing the run.
+  piece = _config()
+  piece.update(dict(attacks=("llc",), integrated_attacks=(), ablation_attacks=()))
+  kept = experiment.run(piece, workdir)
+  assert kept["table1"] == results["table1"]
+  assert [r["attack"] for r in kept["table5"]] == ["fgsm"]
+  assert list(kept["ablations"]) == ["fgsm"]
+  piece.attacks = ("fgsm",)
+  piece.n_examples.llc = 10
+  assert [r["attack"] for r in experiment.run(piece, workdir)["table1"]] == ["fgsm"]
+
   # Other decoder settings in the same workdir are refused.
   other = _config()
   other.qim.a2 = 0.05

@@ -493,6 +493,31 @@ def _ablation_rows(setup: _Setup, name: str, weighted: runner.Context,
 # ----------------------------------------------------------------------------- driver
 
 
+def _stage_attacks(setup: _Setup, listed, subfolders) -> list[tuple[str, bool]]:
+  """``(name, listed)`` in Table I order: the listed attacks, and every other attack that earlier
+  runs finished on C and in all ``<workdir>/<subfolder>/<name>``, so tables made in pieces stay
+  whole."""
+  def finished(name):
+    folders = [_victim_folder(setup, name)]
+    folders += [os.path.join(setup.workdir, sub, name) for sub in subfolders]
+    return all(runner.is_finished(f) for f in folders)
+
+  earlier = {n for n in catalog.names() if n not in listed and finished(n)}
+  return [(n, n in listed) for n in sorted(set(listed) | earlier, key=runner.table_order)]
+
+
+def _row_or_skip(listed: bool, make_row, setup: _Setup, name: str, *args):
+  """``make_row(setup, name, *args)``; an earlier run's attack made with other settings is left
+  out of the tables, not fatal."""
+  if listed:
+    return make_row(setup, name, *args)
+  try:
+    return make_row(setup, name, *args)
+  except ValueError as e:
+    logging.warning("%s: earlier runs left out of the tables: %s", name, e)
+    return None
+
+
 def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs the injected-attractors experiment; see the module docstring.
 
@@ -541,17 +566,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
   if "table1" in config.stages:
     m_context = setup.wrapped(setup.m_logits, "attractors", setup.m_test_logits)
     results["table1"] = []
-    for name in config.attacks:
-      table1[name] = _table1_row(setup, name, m_context)
-      results["table1"].append(table1[name])
-      save()
+    for name, listed in _stage_attacks(setup, config.attacks, ["attractor"]):
+      row = _row_or_skip(listed, _table1_row, setup, name, m_context)
+      if row is not None:
+        table1[name] = row
+        results["table1"].append(row)
+        save()
   if "integrated" in config.stages:
     context = setup.wrapped(attractors.integrated_logits_fn(
         setup.classifier, setup.secret, setup.cals[0], setup.cfg), "integrated")
     results["table5"] = []
-    for name in config.integrated_attacks:
-      results["table5"].append(_integrated_row(setup, name, context, table1))
-      save()
+    for name, listed in _stage_attacks(setup, config.integrated_attacks, ["integrated"]):
+      row = _row_or_skip(listed, _integrated_row, setup, name, context, table1)
+      if row is not None:
+        results["table5"].append(row)
+        save()
   if "ablations" in config.stages:
     other_path = os.path.join(os.path.dirname(setup.key_path), "attacker_key.npz")
     seed = None if config.key_seed is None else int(config.key_seed) + 1
@@ -564,9 +593,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[s
     other = setup.wrapped(attractors.attractor_logits_fn(setup.classifier, other_key, setup.cfg),
                           f"attractors_other_key:{other_key.fingerprint()}")
     results["ablations"] = {}
-    for name in config.ablation_attacks:
-      results["ablations"][name] = _ablation_rows(setup, name, weighted, other)
-      save()
+    ablation_folders = ["ablation_weighted_sum", "ablation_other_key"]
+    for name, listed in _stage_attacks(setup, config.ablation_attacks, ablation_folders):
+      rows = _row_or_skip(listed, _ablation_rows, setup, name, weighted, other)
+      if rows is not None:
+        results["ablations"][name] = rows
+        save()
   save()
   return results
 

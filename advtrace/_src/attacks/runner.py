@@ -458,15 +458,20 @@ def check_fingerprint(path: str, fingerprint: dict[str, Any], what: str) -> None
                      "workdir, or delete it to start over.")
 
 
+def is_finished(folder: str) -> bool:
+  """Whether ``folder`` holds a finished attack run (its results and adversarial examples)."""
+  return all(os.path.exists(os.path.join(folder, f))
+             for f in ("results.json", "adversarial.npz"))
+
+
 def _prepare_workdir(workdir: str, fingerprint: dict[str, Any]) -> dict[str, Any] | None:
   """Checks a reused workdir; returns saved results if this exact run already finished."""
   os.makedirs(workdir, exist_ok=True)
   check_fingerprint(os.path.join(workdir, _RUN_CONFIG), fingerprint, "a different attack run")
-  results = os.path.join(workdir, "results.json")
-  if os.path.exists(results) and os.path.exists(os.path.join(workdir, "adversarial.npz")):
-    with open(results) as f:
-      return json.load(f)
-  return None
+  if not is_finished(workdir):
+    return None
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
 
 
 def _targets(spec, context: Context, indices, random_targets, labels) -> np.ndarray:
@@ -839,7 +844,7 @@ def _finished_elsewhere(config, workdir: str, names, context: Context) -> list[_
   rows = []
   for name in catalog.names():
     sub = os.path.join(workdir, name)
-    if name in names or not os.path.exists(os.path.join(sub, "results.json")):
+    if name in names or not is_finished(sub):
       continue
     try:
       spec, kwargs = resolve_attack(name, config.settings, config.attack_kwargs,
@@ -854,14 +859,15 @@ def _finished_elsewhere(config, workdir: str, names, context: Context) -> list[_
   return rows
 
 
-def _table_order(row: _Row) -> int:
+def table_order(name: str) -> int:
+  """Sort key: seed-003 Table I's order, other attacks after it."""
   order = catalog.DEEPSEC_ATTACKS
-  return order.index(row.attack) if row.attack in order else len(order)
+  return order.index(name) if name in order else len(order)
 
 
 def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any]:
   rows = rows + _finished_elsewhere(config, workdir, set(config.attacks), context)
-  rows = sorted(rows, key=_table_order)
+  rows = sorted(rows, key=lambda row: table_order(row.attack))
   summary = {
       "model": context.model, "weights": context.weights, "dataset": context.dataset.name,
       "split": config.split, "settings": config.settings,
@@ -878,6 +884,6 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
 __all__ = [
     "Context", "PAPER_TABLE1_ASR", "attack_config", "check_fingerprint", "clear_context_cache",
     "deepsec_candidates", "default_config", "default_reproduce_config", "device_info",
-    "load_context", "reproduce_attacks", "resolve_attack", "results_markdown", "run_attack",
-    "run_resolved", "summary_markdown", "summary_rows",
+    "is_finished", "load_context", "reproduce_attacks", "resolve_attack", "results_markdown",
+    "run_attack", "run_resolved", "summary_markdown", "summary_rows", "table_order",
 ]
