@@ -163,5 +163,5 @@ def test_host_loop_logs_progress(caplog, log_every_s, expected_lines):
   # Steps 1 and 2 leave examples running and log; step 3 finishes them all and exits.
   assert len(lines) == expected_lines
   if expected_lines:
-    assert lines[0] == "_count_up: step 1/10, 4 examples still running."
+    assert lines[0] == "test_attacks_gradient._count_up: step 1/10, 4 examples still running."
   np.testing.assert_array_equal(np.asarray(out.iteration), 3)

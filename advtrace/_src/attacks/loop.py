@@ -140,8 +140,9 @@ def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "
       break
     if log_every_s is not None and time.monotonic() - last_log >= log_every_s:
       last_log = time.monotonic()
-      logging.info("%s: step %d/%d, %d examples still running.", step_fn.__name__, i + 1,
-                   num_steps, int(active.sum()))
+      logging.info("%s.%s: step %d/%d, %d examples still running.",
+                   step_fn.__module__.rsplit(".", 1)[-1], step_fn.__name__, i + 1, num_steps,
+                   int(active.sum()))
     size = _bucket(int(active.sum()))
     if size <= active.size // 2:
       # Pad with a finished row: its step result is discarded by _freeze_done.
