@@ -8,7 +8,8 @@ This is the objective of DEEPSEC's ``BLB.py`` (``loss = l2dist + c * CE``; its c
 weights the attack loss, as in CW-L2, EAD and OM, so success lowers ``c`` with the shared rule
 of ``binary_search.py``; in Szegedy's notation (:math:`c_S = 1/c`) success raises :math:`c_S`.
 
-The optimiser is a projected L-BFGS, per example (vmapped), one iteration per ``loop.run`` step:
+The optimiser is a projected L-BFGS, per example (vmapped). Each ``loop.run`` step evaluates
+the objective once (one line-search trial), so no network pass runs inside a nested ``while``:
 
 1. variables at a bound whose gradient points out of the box are fixed (the active set);
 2. the L-BFGS two-loop recursion (``memory_size`` pairs, initial scaling
@@ -71,6 +72,11 @@ class _State(NamedTuple):
   rho: jax.Array  # (memory_size,)
   count: jax.Array  # valid pairs in memory
   head: jax.Array  # next slot to write
+  d: jax.Array  # the current line search's direction
+  alpha: jax.Array  # its next trial step
+  trials: jax.Array  # trials done in the current line search (0: a new search starts)
+  lbfgs_iterations: jax.Array  # finished line searches (``iteration`` counts evaluations)
+  max_iterations: jax.Array
   x: jax.Array
   label: jax.Array
   const: jax.Array
@@ -122,25 +128,25 @@ def _two_loop(grad, s_mem, y_mem, rho, count, head):
 
 
 def _step(logits_fn, cfg: Config, s: _State) -> _State:
+  """One objective evaluation: a line-search trial, ending the L-BFGS iteration if it is the
+  search's last (accepted, or ``max_linesearch`` trials)."""
   lo, hi = cfg.clip_min, cfg.clip_max
+  # A new search starts from the L-BFGS direction; later trials halve the step along it.
   fixed = ((s.x_k <= lo) & (s.g > 0)) | ((s.x_k >= hi) & (s.g < 0))
   g_free = jnp.where(fixed, 0.0, s.g)
-  d = jnp.where(fixed, 0.0, -_two_loop(g_free, s.s_mem, s.y_mem, s.rho, s.count, s.head))
-  quasi_newton = (s.count > 0) & (_vdot(s.g, d) < 0)
-  d = jnp.where(quasi_newton, d, -g_free)
+  d_qn = jnp.where(fixed, 0.0, -_two_loop(g_free, s.s_mem, s.y_mem, s.rho, s.count, s.head))
+  quasi_newton = (s.count > 0) & (_vdot(s.g, d_qn) < 0)
   alpha0 = jnp.where(quasi_newton, 1.0,
                      jnp.minimum(1.0, 1.0 / jnp.maximum(jnp.sqrt(_vdot(g_free, g_free)), 1e-12)))
+  starting = s.trials == 0
+  d = jnp.where(starting, jnp.where(quasi_newton, d_qn, -g_free), s.d)
+  alpha = jnp.where(starting, alpha0, s.alpha)
 
-  def trial(carry):
-    alpha, trials, _, _, _, _, _ = carry
-    x_t = jnp.clip(s.x_k + alpha * d, lo, hi)
-    f_t, g_t, ok_t = _value_and_grad(logits_fn, s.x, s.label, s.const, x_t)
-    accept = jnp.isfinite(f_t) & (f_t <= s.f + 1e-4 * _vdot(s.g, x_t - s.x_k))
-    return alpha * 0.5, trials + 1, accept, x_t, f_t, g_t, ok_t
-
-  carry = (alpha0, jnp.int32(0), jnp.bool_(False), s.x_k, s.f, s.g, jnp.bool_(False))
-  _, trials, accepted, x_t, f_t, g_t, ok_t = jax.lax.while_loop(
-      lambda c: ~c[2] & (c[1] < cfg.max_linesearch), trial, carry)
+  x_t = jnp.clip(s.x_k + alpha * d, lo, hi)
+  f_t, g_t, ok_t = _value_and_grad(logits_fn, s.x, s.label, s.const, x_t)
+  accepted = jnp.isfinite(f_t) & (f_t <= s.f + 1e-4 * _vdot(s.g, x_t - s.x_k))
+  trials = s.trials + 1
+  ends = accepted | (trials >= cfg.max_linesearch)
 
   x_new = jnp.where(accepted, x_t, s.x_k)
   f_new = jnp.where(accepted, f_t, s.f)
@@ -163,15 +169,22 @@ def _step(logits_fn, cfg: Config, s: _State) -> _State:
   pg = jnp.max(jnp.abs(jnp.clip(x_new - g_new, lo, hi) - x_new))
   stalled = (s.f - f_new) <= cfg.ftol * jnp.maximum(jnp.maximum(jnp.abs(s.f), jnp.abs(f_new)),
                                                     1.0)
-  done = (pg <= cfg.pgtol) | (accepted & stalled) | (~accepted & (s.count == 0))
-  return s._replace(
+  converged = (pg <= cfg.pgtol) | (accepted & stalled) | (~accepted & (s.count == 0))
+  lbfgs_iterations = s.lbfgs_iterations + ends.astype(jnp.int32)
+  done = ends & (converged | (lbfgs_iterations >= s.max_iterations))
+  finished = s._replace(
       x_k=x_new, f=f_new, g=g_new, s_mem=s_mem, y_mem=y_mem, rho=rho, count=count, head=head,
-      queries=s.queries + trials, best_x=best_x, best_dist=best_dist,
-      round_success=round_success, active=s.active & ~done)
+      best_x=best_x, best_dist=best_dist, round_success=round_success,
+      trials=jnp.zeros_like(trials))
+  searching = s._replace(d=d, alpha=alpha * 0.5, trials=trials)
+  new = jax.tree.map(lambda a, b: jnp.where(ends, a, b), finished, searching)
+  return new._replace(queries=s.queries + 1, lbfgs_iterations=lbfgs_iterations,
+                      active=s.active & ~done)
 
 
 @functools.partial(xla.jit, static_argnums=(0, 1))
-def _init_state(logits_fn, cfg: Config, x, labels, const, best_x, best_dist) -> _State:
+def _init_state(logits_fn, cfg: Config, x, labels, const, best_x, best_dist,
+                max_iterations) -> _State:
   batch = x.shape[0]
   f0, g0, ok0 = jax.vmap(functools.partial(_value_and_grad, logits_fn))(x, labels, const, x)
   # The clean point is a candidate too (distance 0 if it already has the target label).
@@ -181,7 +194,9 @@ def _init_state(logits_fn, cfg: Config, x, labels, const, best_x, best_dist) -> 
   zeros_i = jnp.zeros((batch,), jnp.int32)
   return _State(
       x_k=x, f=f0, g=g0, s_mem=mem, y_mem=mem,
-      rho=jnp.zeros((batch, cfg.memory_size), jnp.float32), count=zeros_i, head=zeros_i, x=x,
+      rho=jnp.zeros((batch, cfg.memory_size), jnp.float32), count=zeros_i, head=zeros_i,
+      d=jnp.zeros_like(x), alpha=jnp.zeros((batch,), jnp.float32), trials=zeros_i,
+      lbfgs_iterations=zeros_i, max_iterations=zeros_i + max_iterations, x=x,
       label=labels, const=const, queries=jnp.ones((batch,), jnp.int32), best_x=best_x,
       best_dist=best_dist, round_success=round_success, active=jnp.ones((batch,), bool),
       iteration=zeros_i)
@@ -190,9 +205,15 @@ def _init_state(logits_fn, cfg: Config, x, labels, const, best_x, best_dist) -> 
 def minimise(logits_fn: base.LogitsFn, x: jax.Array, labels: jax.Array, const: jax.Array,
              best: binary_search.Best, cfg: Config, max_iterations: int,
              loop_mode: str = "auto") -> _State:
-  """One round: projected L-BFGS from ``x`` on every example, tracking the best target hit."""
-  state = _init_state(logits_fn, cfg, x, labels, const, best.x_adv, best.dist)
-  return loop.run(_step, logits_fn, cfg, state, max_iterations, loop=loop_mode)
+  """One round: projected L-BFGS from ``x`` on every example, tracking the best target hit.
+
+  Each loop step is one objective evaluation (a line-search trial), so that no network pass
+  sits inside a nested ``while`` (XLA:CPU runs those convolutions several times slower).
+  """
+  state = _init_state(logits_fn, cfg, x, labels, const, best.x_adv, best.dist,
+                      jnp.int32(max_iterations))
+  return loop.run(_step, logits_fn, cfg, state, max_iterations * cfg.max_linesearch,
+                  loop=loop_mode)
 
 
 def box_lbfgs(
@@ -270,7 +291,7 @@ def box_lbfgs(
   batch = x.shape[0]
   initial_const = base.per_example(initial_const, batch, "initial_const", allow_zero=False)
   cfg = Config(memory_size, max_linesearch, float(pgtol), float(ftol),
-                float(clip_min), float(clip_max))
+               float(clip_min), float(clip_max))
 
   def run_round(const, best: binary_search.Best) -> binary_search.RoundResult:
     if max_iterations == 0:
@@ -279,7 +300,7 @@ def box_lbfgs(
     state = minimise(logits_fn, x, labels, const, best, cfg, max_iterations, loop_mode)
     return binary_search.RoundResult(
         binary_search.Best(state.best_x, state.best_dist, best.found | state.round_success),
-        state.round_success, state.iteration, state.queries)
+        state.round_success, state.lbfgs_iterations, state.queries)
 
   best, iterations, queries = binary_search.search(
       run_round, x, initial_const, binary_search_steps)
