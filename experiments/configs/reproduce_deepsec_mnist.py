@@ -5,17 +5,13 @@ Command:
       --config=experiments/configs/reproduce_deepsec_mnist.py \
       --config.data_dir=../shared/tensorflow_datasets --workdir=/tmp/reproduce_deepsec_mnist
 
-Expected runtime on 2 CPU cores: up to ~100 hours, dominated by the optimisation attacks at
-DEEPSEC's settings (10,000 iterations). Measured on 2 shared cores: the 11 gradient attacks
-(FGSM ... TMIFGSM, DeepFool, BPDA) at 1,000 examples each take 3 minutes together (plus ~1 minute
-of loading and compiling) and JSMA ~6 minutes (0.34 s per example). The rest is extrapolated from
-short runs without early abort (1 binary-search round of 20-100 iterations, or 5 SPSA steps, on
-100-example batches), per example: CW2 ~93 s, EAD ~114 s, BLB <= ~390 s, OM ~1,100 s (20 noisy
-copies per step), SPSA ~57 s; at 200 examples CW2 ~5 h, EAD ~6 h, BLB <= ~21 h, OM ~61 h, SPSA
-~3 h. These are upper bounds here: ``table7_mnist`` lets CW2/EAD/OM abort early and SPSA stop
-once an example is adversarial (92.5% were after 5 SPSA steps); ``deepsec_code_mnist`` does
-not. UAP: one pass over its 6,000 training images plus the fooling rate on 54,000 took 34
-minutes on heavily loaded cores, and it makes up to 20 passes until the fooling rate reaches
+Expected runtime on 2 CPU cores (measured 2026-11-21, n as below; Table VII's early-abort rules
+on): the 11 gradient attacks (FGSM ... TMIFGSM, DeepFool, BPDA) 3 minutes together (plus ~1
+minute of loading and compiling), JSMA 3 minutes, SPSA 6 minutes (it stops an example once it
+is adversarial), BLB 5 minutes, UAP 25 minutes (5 passes), CW2 ~1.3 h and EAD ~1.9 h (on one
+core). OM is the long one: extrapolated from short runs without early abort, ~1,100 s per
+example (20 noisy copies per step), ~61 h for 200; ``deepsec_code_mnist`` (no early abort)
+takes longer for CW2/EAD/OM too. UAP makes up to 20 passes until the fooling rate reaches
 30%. A GPU (``loop_mode`` "auto" then fuses the loops) cuts all of this by orders of magnitude;
 on CPU, run the costly attacks last or apart (``--config.attacks="('om',)"``): every finished
 attack is kept. On 2 cores, two such runs side by side, each pinned to one core with one XLA
@@ -28,7 +24,8 @@ Expected result (measured, first 1,000 candidates; seed-003 Table I (c) in brack
 flagged 14.4-point gap; ILLC runs DEEPSEC's default 10 iterations), TMIFGSM 87.5 (91.6), UAP
 35.9 (24.2, a flagged gap: the 30% stop rule), JSMA 52.2 on 500 (74.1; 72.8 with the raw
 logits of DEEPSEC's first release, ``--config.model_kwargs='{"shift_by_max": false}'``); on 200:
-SPSA 100 (96.8), CW2 99.5 (100), EAD 100 (98.9). BLB and OM were not run to completion here.
+SPSA 100 (96.8), CW2 99.5 (100), EAD 100 (98.9), BLB 100 (100; 5 minutes). OM was not run to
+completion here.
 
 Examples per attack (the first n of DEEPSEC's 1000 candidates, seed 100): 1000 for the cheap
 attacks, 500 for JSMA, 200 for the costly ones (``n_examples`` below; at least 200 each).
