@@ -509,11 +509,11 @@ def _stage_attacks(setup: _Setup, listed, subfolders) -> list[tuple[str, bool]]:
 def _row_or_skip(listed: bool, make_row, setup: _Setup, name: str, *args):
   """``make_row(setup, name, *args)``; an earlier run's attack made with other settings is left
   out of the tables, not fatal."""
-  if listed:
-    return make_row(setup, name, *args)
   try:
     return make_row(setup, name, *args)
   except ValueError as e:
+    if listed:
+      raise
     logging.warning("%s: earlier runs left out of the tables: %s", name, e)
     return None
 
