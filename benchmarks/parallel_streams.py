@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import optax  # noqa: E402
 
 from advtrace._src import xla  # noqa: E402
 
@@ -56,8 +57,7 @@ def _time_steps() -> dict[str, float]:
   x, y = jnp.asarray(x), jnp.asarray(y)
 
   def loss(v):
-    logits = logits_fn(v)
-    return jnp.sum(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], -1)[:, 0])
+    return optax.softmax_cross_entropy_with_integer_labels(logits_fn(v), y).sum()
 
   step = xla.jit(lambda v: jnp.clip(v + 1e-4 * jnp.sign(jax.grad(loss)(v)), 0.0, 1.0))
   step(x).block_until_ready()

@@ -497,13 +497,12 @@ def _stage_attacks(setup: _Setup, listed, subfolders) -> list[tuple[str, bool]]:
   """``(name, listed)`` in Table I order: the listed attacks, and every other attack that earlier
   runs finished on C and in all ``<workdir>/<subfolder>/<name>``, so tables made in pieces stay
   whole."""
-  def finished(name):
-    folders = [_victim_folder(setup, name)]
-    folders += [os.path.join(setup.workdir, sub, name) for sub in subfolders]
-    return all(runner.is_finished(f) for f in folders)
+  def folders(name):
+    return [_victim_folder(setup, name)] + [os.path.join(setup.workdir, sub, name)
+                                            for sub in subfolders]
 
-  earlier = {n for n in catalog.names() if n not in listed and finished(n)}
-  return [(n, n in listed) for n in sorted(set(listed) | earlier, key=runner.table_order)]
+  names = set(listed) | set(runner.finished_elsewhere(listed, folders))
+  return [(n, n in listed) for n in sorted(names, key=runner.table_order)]
 
 
 def _row_or_skip(listed: bool, make_row, setup: _Setup, name: str, *args):

@@ -839,13 +839,18 @@ def summary_markdown(summary: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def _finished_elsewhere(config, workdir: str, names, context: Context) -> list[_Row]:
-  """Rows for attacks outside ``names`` that are finished in ``workdir`` with these settings."""
+def finished_elsewhere(listed, folders: Callable[[str], Sequence[str]]) -> list[str]:
+  """Catalogue attacks outside ``listed`` whose runs in every one of ``folders(name)`` are
+  finished (by earlier runs, or by a run beside this one)."""
+  return [name for name in catalog.names()
+          if name not in listed and all(is_finished(f) for f in folders(name))]
+
+
+def _earlier_rows(config, workdir: str, context: Context) -> list[_Row]:
+  """Rows for attacks outside ``config.attacks`` finished in ``workdir`` with these settings."""
   rows = []
-  for name in catalog.names():
+  for name in finished_elsewhere(config.attacks, lambda n: [os.path.join(workdir, n)]):
     sub = os.path.join(workdir, name)
-    if name in names or not is_finished(sub):
-      continue
     try:
       spec, kwargs = resolve_attack(name, config.settings, config.attack_kwargs,
                                     config.fallback_settings)
@@ -866,7 +871,7 @@ def table_order(name: str) -> int:
 
 
 def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any]:
-  rows = rows + _finished_elsewhere(config, workdir, set(config.attacks), context)
+  rows = rows + _earlier_rows(config, workdir, context)
   rows = sorted(rows, key=lambda row: table_order(row.attack))
   summary = {
       "model": context.model, "weights": context.weights, "dataset": context.dataset.name,
@@ -884,6 +889,7 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
 __all__ = [
     "Context", "PAPER_TABLE1_ASR", "attack_config", "check_fingerprint", "clear_context_cache",
     "deepsec_candidates", "default_config", "default_reproduce_config", "device_info",
-    "is_finished", "load_context", "reproduce_attacks", "resolve_attack", "results_markdown",
-    "run_attack", "run_resolved", "summary_markdown", "summary_rows", "table_order",
+    "finished_elsewhere", "is_finished", "load_context", "reproduce_attacks", "resolve_attack",
+    "results_markdown", "run_attack", "run_resolved", "summary_markdown", "summary_rows",
+    "table_order",
 ]
