@@ -3,9 +3,13 @@ r"""Host-stepped vs fused (``lax.while_loop``) attack loops on the DEEPSEC MNIST
 ``advtrace._src.attacks.loop.run`` drives every iterative attack either as a Python loop over a
 jitted per-step function (``loop_mode="host"``) or as one jitted ``lax.while_loop``
 (``"fused"``); ``"auto"`` picks host on CPU. This script is the measurement behind that default:
-for PGD (and CW-L2) it reports, per mode, the compile time (first batch minus one steady batch)
-and the steady-state images/s over batches 2..n, plus the time of a bare ``jax.grad`` step (one
-forward and backward pass of the CE loss, the lower bound of one attack step).
+for PGD and CW-L2 (a gradient per step) and HopSkipJump (forward passes only, in nested
+``lax.while_loop`` searches) it reports, per mode, the compile time (first batch minus one
+steady batch) and the steady-state images/s over batches 2..n, plus the time of a bare
+``jax.grad`` step (one forward and backward pass of the CE loss, the lower bound of one attack
+step). On XLA:CPU a gradient inside a ``lax.while_loop`` runs several times slower than the same
+jitted step driven from Python, while forward passes do not slow down; so the query attacks keep
+their inner searches inside ``lax.while_loop`` on every backend.
 
 Full run, on an otherwise idle machine::
 
@@ -14,7 +18,7 @@ Full run, on an otherwise idle machine::
 Smoke run::
 
   python benchmarks/loop_modes.py --workdir=/tmp/loop_smoke --num_images=50 --batch_size=25 \
-    --pgd_steps=5 --cw_steps=5 --label=smoke
+    --pgd_steps=5 --cw_steps=5 --hsj_steps=2 --label=smoke
 
 Needs only advtrace (no torch).
 """
@@ -44,7 +48,7 @@ from advtrace import attacks  # noqa: E402
 from advtrace._src.attacks import cw as cw_lib  # noqa: E402
 
 MODES = ("host", "fused")
-ATTACKS = ("pgd", "cw")
+ATTACKS = ("pgd", "cw", "hsj")
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where results.json and results.md go.",
                                required=True)
@@ -56,6 +60,7 @@ _ATTACKS = flags.DEFINE_list("attacks", list(ATTACKS), f"Subset of {', '.join(AT
 _MODES = flags.DEFINE_list("modes", list(MODES), "Loop modes to compare.")
 _PGD_STEPS = flags.DEFINE_integer("pgd_steps", 40, "PGD iterations (eps 0.3, step 0.01).")
 _CW_STEPS = flags.DEFINE_integer("cw_steps", 100, "CW-L2 Adam steps (1 binary step, c 1).")
+_HSJ_STEPS = flags.DEFINE_integer("hsj_steps", 10, "HopSkipJump L2 boundary-walk iterations.")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Steady-state passes per mode (median taken).")
 _GRAD_REPEATS = flags.DEFINE_integer("grad_repeats", 10, "Timed calls of the bare grad step.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
@@ -75,11 +80,14 @@ def _attack(name: str, logits_fn, mode: str):
                            learning_rate=0.01, binary_search_steps=1,
                            max_iterations=_CW_STEPS.value, abort_early=False, loop_mode=mode)
     return lambda x, y, key: fn(x, y)
+  if name == "hsj":
+    return functools.partial(attacks.hop_skip_jump, logits_fn, norm="l2",
+                             num_iterations=_HSJ_STEPS.value, loop_mode=mode)
   raise ValueError(name)
 
 
 def _steps(name: str) -> int:
-  return _PGD_STEPS.value if name == "pgd" else _CW_STEPS.value
+  return {"pgd": _PGD_STEPS, "cw": _CW_STEPS, "hsj": _HSJ_STEPS}[name].value
 
 
 def bare_grad_ms(logits_fn, batch) -> float:
@@ -170,7 +178,8 @@ def _markdown(info, results, grad_ms, n_images) -> str:
            f"- Command: `{_common.command_line()}`",
            f"- Data: first {n_images} correctly classified MNIST test images, batch size "
            f"{_BATCH_SIZE.value}; model {_MODEL.value!r}; PGD Linf eps 0.3, step 0.01, random "
-           "start; CW-L2 c 1, kappa 0, lr 0.01, 1 binary step, no early abort",
+           "start; CW-L2 c 1, kappa 0, lr 0.01, 1 binary step, no early abort; HopSkipJump L2 "
+           "with its default queries (forward passes only)",
            f"- Bare `jax.jit(jax.grad(CE))` step: {grad_ms:.1f} ms per batch (median of "
            f"{_GRAD_REPEATS.value})",
            "- img/s: steady state over batches 2..n; compile s = first batch minus one steady "
