@@ -23,6 +23,7 @@ from advtrace._src import training
 from advtrace._src.attacks import catalog
 from advtrace._src.attacks import gradient
 from advtrace._src.attacks import runner
+from advtrace._src.attacks import uap as uap_lib
 from advtrace._src.models import registry
 
 pytestmark = pytest.mark.usefixtures("fast_compiles")
@@ -241,6 +242,46 @@ def test_uap_computes_then_applies(checkpoint, tmp_path):
   with np.load(tmp_path / "adversarial.npz") as f:
     np.testing.assert_allclose(f["x_adv"], np.clip(f["x"] + v, 0, 1), atol=1e-6)
     assert np.max(np.abs(v)) <= 0.3 + 1e-6
+
+
+def test_uap_interrupted_between_passes_resumes(checkpoint, tmp_path, monkeypatch):
+  # A run stopped after UAP's first pass resumes from the saved pass and ends where an
+  # uninterrupted run ends.
+  def config():
+    return _config(checkpoint, "uap", attack_kwargs='{"max_outer_iters": 2, "fool_rate": 1.0}',
+                   uap_train_fraction=0.05)
+
+  whole = runner.run_attack(config(), tmp_path / "whole")
+  spec = catalog.get("uap")
+
+  def stop_after_first_pass(*args, on_pass, **kw):
+    def save_then_stop(state):
+      on_pass(state)
+      raise KeyboardInterrupt
+    return uap_lib.uap(*args, on_pass=save_then_stop, **kw)
+
+  monkeypatch.setitem(catalog.CATALOG, "uap",
+                      dataclasses.replace(spec, prepare=stop_after_first_pass))
+  with pytest.raises(KeyboardInterrupt):
+    runner.run_attack(config(), tmp_path / "resumed")
+  assert (tmp_path / "resumed" / "uap_progress.npz").exists()
+  passes_run = []
+
+  def count_passes(*args, on_pass, **kw):
+    return uap_lib.uap(*args, on_pass=lambda state: (passes_run.append(1), on_pass(state)), **kw)
+
+  monkeypatch.setitem(catalog.CATALOG, "uap", dataclasses.replace(spec, prepare=count_passes))
+  resumed = runner.run_attack(config(), tmp_path / "resumed")
+  assert len(passes_run) == 1  # only the second pass was left
+  assert not (tmp_path / "resumed" / "uap_progress.npz").exists()
+  assert resumed["uap"]["passes"] == whole["uap"]["passes"] == 2
+  assert resumed["uap"]["fooling_rates"] == whole["uap"]["fooling_rates"]
+  for name in ("whole", "resumed"):
+    with np.load(tmp_path / name / "uap_perturbation.npz") as f:
+      if name == "whole":
+        v = f["perturbation"]
+      else:
+        np.testing.assert_array_equal(f["perturbation"], v)
 
 
 def test_errors(checkpoint, tmp_path):

@@ -223,6 +223,44 @@ def test_uap_deterministic_per_key(digits_train):
   assert not np.array_equal(np.asarray(a), np.asarray(c))  # another image order
 
 
+def test_uap_resumes_where_it_stopped(digits_train):
+  # Resuming from the checkpoint after pass 1 gives what the uninterrupted 3-pass call gives.
+  logits_fn, _, _ = digits_model()
+  xt, _ = digits_train
+  kw = dict(eps=0.1, fool_rate=1.0, max_outer_iters=3)
+  checkpoints = []
+  v, info = uap(logits_fn, xt[:40], jax.random.key(4), on_pass=checkpoints.append, **kw)
+  assert [len(c.fooling_rates) for c in checkpoints] == [1, 2, 3]
+  np.testing.assert_array_equal(checkpoints[-1].v, np.asarray(v))
+  later = []
+  v2, info2 = uap(logits_fn, xt[:40], jax.random.key(4), resume_from=checkpoints[0],
+                  on_pass=later.append, **kw)
+  np.testing.assert_array_equal(np.asarray(v2), np.asarray(v))
+  np.testing.assert_array_equal(info2.fooling_rates, info.fooling_rates)
+  np.testing.assert_array_equal(info2.updates, info.updates)
+  assert info2.passes == 3 and len(later) == 2
+  done, done_info = uap(logits_fn, xt[:40], jax.random.key(4), resume_from=checkpoints[-1], **kw)
+  np.testing.assert_array_equal(np.asarray(done), np.asarray(v))  # nothing left to run
+  assert done_info.passes == 3
+
+
+def test_uap_rejects_a_foreign_checkpoint(digits_train):
+  logits_fn, _, _ = digits_model()
+  xt, _ = digits_train
+  good = uap_lib.UAPCheckpoint(np.zeros(xt.shape[1:], np.float32), np.zeros(1), np.zeros(1, int),
+                               np.zeros(1))
+  with pytest.raises(ValueError, match="resume_from.v has shape"):
+    uap(logits_fn, xt[:4], jax.random.key(0), eps=0.1,
+        resume_from=good._replace(v=np.zeros((3, 3, 1), np.float32)))
+  with pytest.raises(ValueError, match="more than max_outer_iters"):
+    uap(logits_fn, xt[:4], jax.random.key(0), eps=0.1, max_outer_iters=0, resume_from=good)
+  with pytest.raises(ValueError, match="different lengths"):
+    uap(logits_fn, xt[:4], jax.random.key(0), eps=0.1, resume_from=good._replace(seconds=[]))
+  with pytest.raises(ValueError, match="NaN"):
+    uap(logits_fn, xt[:4], jax.random.key(0), eps=0.1,
+        resume_from=good._replace(v=np.full(xt.shape[1:], np.nan, np.float32)))
+
+
 @pytest.mark.parametrize("loop_mode", ["host", "fused"])
 def test_uap_pass_equals_sequential_reference(digits_train, loop_mode):
   # A pass (host loop, or one jitted scan) must equal the paper's Python loop over the

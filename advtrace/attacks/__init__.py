@@ -34,6 +34,7 @@ from advtrace._src.attacks.score_based import simba
 from advtrace._src.attacks.score_based import spsa
 from advtrace._src.attacks.sign_opt import sign_opt
 from advtrace._src.attacks.square import square_attack
+from advtrace._src.attacks.uap import UAPCheckpoint
 from advtrace._src.attacks.uap import apply_uap
 from advtrace._src.attacks.uap import fooling_rate
 from advtrace._src.attacks.uap import uap

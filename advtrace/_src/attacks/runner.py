@@ -57,6 +57,7 @@ from advtrace._src import weights as weights_lib
 from advtrace._src import xla
 from advtrace._src.attacks import catalog
 from advtrace._src.attacks import settings as settings_lib
+from advtrace._src.attacks import uap as uap_lib
 from advtrace._src.models import deepsec_weights
 from advtrace._src.models import registry
 
@@ -64,6 +65,7 @@ _RESERVED = ("logits_fn", "x", "labels", "key", "targeted", "loop_mode")
 _PARTIAL = "partial.npz"
 _RUN_CONFIG = "run_config.json"
 _UAP_FILE = "uap_perturbation.npz"
+_UAP_PROGRESS = "uap_progress.npz"
 _INFO_FIELDS = ("success", "predicted", "iterations", "queries", "l0", "l2", "linf")
 
 # seed-003 Table I (attractors.md §3): attack success rate (%) on the undefended classifier C,
@@ -665,7 +667,8 @@ def _prepare(config, workdir, spec, kwargs, context: Context):
   seed 100) and the fooling rate is measured on the other 90%, with labels. The fraction is
   ``config.uap_train_fraction``. ``prepare(logits_fn, x_train, key, **kwargs)`` returns
   ``(perturbation, info)``; the attack then gets ``perturbation=``. The result is saved in the
-  workdir, so a resumed run does not recompute it.
+  workdir, so a resumed run does not recompute it, and so is the state after each pass while it
+  is computed (UAP's ``on_pass``), so an interrupted computation resumes after its last pass.
   """
   path = os.path.join(workdir, _UAP_FILE)
   if os.path.exists(path):
@@ -684,6 +687,17 @@ def _prepare(config, workdir, spec, kwargs, context: Context):
     prepare_kwargs.update(x_val=rest.images, labels_val=rest.labels)
   if accepted is None or "loop_mode" in accepted:
     prepare_kwargs["loop_mode"] = config.loop_mode
+  progress_path = os.path.join(workdir, _UAP_PROGRESS)
+  if accepted is None or {"on_pass", "resume_from"} <= accepted:
+    prepare_kwargs["on_pass"] = lambda state: atomic.write_npz(progress_path, state._asdict())
+    if os.path.exists(progress_path):
+      try:
+        prepare_kwargs["resume_from"] = uap_lib.UAPCheckpoint(**atomic.read_npz(progress_path))
+      except TypeError as e:
+        raise ValueError(f"{progress_path} is not a UAP checkpoint ({e}); delete it to compute "
+                         "the perturbation from the start.") from e
+      logging.info("%s: resuming the perturbation after pass %d (saved in %s).", spec.name,
+                   len(prepare_kwargs["resume_from"].fooling_rates), progress_path)
   logging.info("%s: computing the perturbation on %d training images (fooling rate on %d).",
                spec.name, len(subset.labels), len(rest.labels) or len(subset.labels))
   t0 = time.perf_counter()
@@ -695,6 +709,8 @@ def _prepare(config, workdir, spec, kwargs, context: Context):
               seconds_total=time.perf_counter() - t0)
   perturbation = np.asarray(perturbation)
   atomic.write_npz(path, {"perturbation": perturbation, "info": np.asarray(json.dumps(info))})
+  if os.path.exists(progress_path):
+    os.remove(progress_path)
   return {"perturbation": perturbation}, info
 
 

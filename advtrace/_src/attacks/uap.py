@@ -10,7 +10,9 @@ bounded ``lax.while_loop`` inside it; ``"host"``, a Python loop over the images 
 DeepFool's jitted step from the host. On 2 CPU cores with the DEEPSEC MNIST CNN the host pass
 took 6.1 s per 100 images against 55 s fused (XLA:CPU's slow input-gradient kernels inside
 compiled loops, see ``loop.py``), so ``"auto"`` picks host on CPU and fused elsewhere. Passes
-repeat until the fooling rate reaches ``fool_rate`` or ``max_outer_iters``.
+repeat until the fooling rate reaches ``fool_rate`` or ``max_outer_iters``. A pass can take
+minutes, so :func:`uap` hands a :class:`UAPCheckpoint` to ``on_pass`` after each one and resumes
+from one (``resume_from``) exactly where an uninterrupted run would be.
 
 :func:`apply_uap` (or :func:`uap_attack`, with the common attack signature) applies a computed
 ``v`` to a batch.
@@ -56,6 +58,36 @@ class UAPInfo(NamedTuple):
   converged: bool
   updates: np.ndarray
   seconds: np.ndarray
+
+
+class UAPCheckpoint(NamedTuple):
+  """The state of :func:`uap` after some passes, enough to resume it.
+
+  Attributes:
+    v: the perturbation after the last pass.
+    fooling_rates: the fooling rate after each pass, float64[passes].
+    updates: how many times ``v`` was updated in each pass, int64[passes].
+    seconds: wall time of each pass, float64[passes].
+  """
+  v: np.ndarray
+  fooling_rates: np.ndarray
+  updates: np.ndarray
+  seconds: np.ndarray
+
+
+def _check_resume(resume: UAPCheckpoint, image_shape, max_outer_iters: int) -> None:
+  if np.shape(resume.v) != tuple(image_shape):
+    raise ValueError(f"resume_from.v has shape {np.shape(resume.v)}, the images "
+                     f"{tuple(image_shape)}; resume with the checkpoint of this computation.")
+  passes = len(resume.fooling_rates)
+  if not len(resume.updates) == len(resume.seconds) == passes:
+    raise ValueError("resume_from holds per-pass histories of different lengths "
+                     f"({passes}, {len(resume.updates)}, {len(resume.seconds)}); it is corrupt.")
+  if passes > max_outer_iters:
+    raise ValueError(f"resume_from has {passes} passes, more than max_outer_iters="
+                     f"{max_outer_iters}.")
+  if not np.all(np.isfinite(resume.v)):
+    raise ValueError("resume_from.v holds NaN or inf; it is corrupt.")
 
 
 class _Config(NamedTuple):
@@ -186,7 +218,8 @@ def uap(
     clip_min: float = 0.0,
     clip_max: float = 1.0,
     batch_size: int = 256,
-    progress: Callable[[int, float], None] | None = None,
+    on_pass: Callable[[UAPCheckpoint], None] | None = None,
+    resume_from: UAPCheckpoint | None = None,
     loop_mode: str = "auto",
 ) -> tuple[jax.Array, UAPInfo]:
   r"""Computes a universal adversarial perturbation ``v`` with ``||v||_norm <= eps``.
@@ -225,7 +258,10 @@ def uap(
     clip_min: lower end of the box.
     clip_max: upper end of the box.
     batch_size: batch size for measuring the fooling rate.
-    progress: optional ``progress(pass_index, fooling_rate)`` callback after each pass.
+    on_pass: optional callback, given a :class:`UAPCheckpoint` after each pass (e.g. to save
+      it).
+    resume_from: a checkpoint that ``on_pass`` got from a call with the same arguments; the
+      computation goes on after its last pass and returns what the uninterrupted call returns.
     loop_mode: ``"auto"``, ``"host"`` or ``"fused"`` (see the module docstring).
 
   Returns:
@@ -263,6 +299,8 @@ def uap(
     checks.check_labels(labels_val, None, "labels_val", size=np.shape(x_val)[0])
   if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key) or key.shape != ():
     raise TypeError("key must be one typed PRNG key from jax.random.key(seed).")
+  if resume_from is not None:
+    _check_resume(resume_from, np.shape(x_train)[1:], max_outer_iters)
 
   mode = loop.resolve_loop(loop_mode)
   cfg = _Config(norm, int(deepfool_max_iter), num_candidates, bool(deepsec_dr),
@@ -274,11 +312,20 @@ def uap(
                                    batch_size)
   eps = jnp.float32(eps)
   overshoot = jnp.float32(deepfool_overshoot)
-  v = jnp.zeros(x_train.shape[1:], x_train.dtype)
-  rate = fooling_rate(logits_fn, x_val, v, labels=labels_val, clean_predictions=preds_val,
-                      clip_min=clip_min, clip_max=clip_max, batch_size=batch_size)
-  rates, updates, seconds = [], [], []
-  for i in range(max_outer_iters):
+  if resume_from is None:
+    v = jnp.zeros(x_train.shape[1:], x_train.dtype)
+    rates, updates, seconds = [], [], []
+    rate = fooling_rate(logits_fn, x_val, v, labels=labels_val, clean_predictions=preds_val,
+                        clip_min=clip_min, clip_max=clip_max, batch_size=batch_size)
+  else:
+    v = jnp.asarray(resume_from.v, x_train.dtype)
+    rates = [float(r) for r in resume_from.fooling_rates]
+    updates = [int(u) for u in resume_from.updates]
+    seconds = [float(t) for t in resume_from.seconds]
+    rate = rates[-1] if rates else fooling_rate(
+        logits_fn, x_val, v, labels=labels_val, clean_predictions=preds_val,
+        clip_min=clip_min, clip_max=clip_max, batch_size=batch_size)
+  for i in range(len(rates), max_outer_iters):
     if rate >= fool_rate:
       break
     start = time.perf_counter()
@@ -293,8 +340,9 @@ def uap(
     seconds.append(time.perf_counter() - start)
     logging.info("UAP pass %d: fooling rate %.4f, %d updates, %.1f s", i, rate, updates[-1],
                  seconds[-1])
-    if progress is not None:
-      progress(i, rate)
+    if on_pass is not None:
+      on_pass(UAPCheckpoint(np.asarray(v), np.asarray(rates, np.float64),
+                            np.asarray(updates, np.int64), np.asarray(seconds, np.float64)))
   info = UAPInfo(fooling_rate=rate, fooling_rates=np.asarray(rates, np.float64),
                  passes=len(rates), converged=rate >= fool_rate,
                  updates=np.asarray(updates, np.int64), seconds=np.asarray(seconds, np.float64))
