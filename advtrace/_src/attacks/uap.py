@@ -315,16 +315,14 @@ def uap(
   if resume_from is None:
     v = jnp.zeros(x_train.shape[1:], x_train.dtype)
     rates, updates, seconds = [], [], []
-    rate = fooling_rate(logits_fn, x_val, v, labels=labels_val, clean_predictions=preds_val,
-                        clip_min=clip_min, clip_max=clip_max, batch_size=batch_size)
   else:
     v = jnp.asarray(resume_from.v, x_train.dtype)
     rates = [float(r) for r in resume_from.fooling_rates]
     updates = [int(u) for u in resume_from.updates]
     seconds = [float(t) for t in resume_from.seconds]
-    rate = rates[-1] if rates else fooling_rate(
-        logits_fn, x_val, v, labels=labels_val, clean_predictions=preds_val,
-        clip_min=clip_min, clip_max=clip_max, batch_size=batch_size)
+  rate = rates[-1] if rates else fooling_rate(
+      logits_fn, x_val, v, labels=labels_val, clean_predictions=preds_val, clip_min=clip_min,
+      clip_max=clip_max, batch_size=batch_size)
   for i in range(len(rates), max_outer_iters):
     if rate >= fool_rate:
       break
