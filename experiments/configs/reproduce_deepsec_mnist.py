@@ -15,9 +15,10 @@ for 200; ``deepsec_code_mnist`` (no early abort) takes longer for CW2/EAD/OM too
 to 20 passes until the fooling rate reaches 30%. A GPU (``loop_mode`` "auto" then fuses the
 loops) cuts all of this by orders of magnitude; on CPU, run the costly attacks last or apart
 (``--config.attacks="('om',)"``): every finished attack is kept. On 2 cores, two such runs side
-by side, each pinned to one core with one XLA thread (``XLA_FLAGS="--
-xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0 ...``), did
-1.2-1.3x the work of one run on both cores (``benchmarks/parallel_streams.py``).
+by side, each pinned to one core with one XLA thread
+(``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0
+...``), did 1.2-1.3x the work of one run on both cores (``benchmarks/parallel_streams.py``).
+
 Expected result (measured, first 1,000 candidates; seed-003 Table I (c) in brackets): FGSM 79.9
 (90.4, a flagged 10.5-point gap), RFGSM 72.0 (65.6), BIM 100 (100), PGD 100 (100), UMIFGSM 100
 (100), DeepFool 100 (100), BPDA 100 (100), LLC 3.0 (7.7), RLLC 1.7 (1.6), ILLC 63.1 (77.5, a
