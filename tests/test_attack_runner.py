@@ -276,6 +276,9 @@ def test_uap_interrupted_between_passes_resumes(checkpoint, tmp_path, monkeypatc
   assert not (tmp_path / "resumed" / "uap_progress.npz").exists()
   assert resumed["uap"]["passes"] == whole["uap"]["passes"] == 2
   assert resumed["uap"]["fooling_rates"] == whole["uap"]["fooling_rates"]
+  assert (resumed["uap"]["resumed_after_pass"], whole["uap"]["resumed_after_pass"]) == (1, 0)
+  # The total wall time includes the pass finished before the interruption.
+  assert resumed["uap"]["seconds_total"] >= sum(resumed["uap"]["seconds"])
   with np.load(tmp_path / "whole" / "uap_perturbation.npz") as f:
     v = f["perturbation"]
   with np.load(tmp_path / "resumed" / "uap_perturbation.npz") as f:
