@@ -41,6 +41,16 @@ def test_in_range_distance_uses_only_codewords_in_the_pixel_range(p, bit, delta)
   assert 0.0 <= q <= qim.max_distance(delta, in_range=True) + 1e-4
 
 
+@pytest.mark.parametrize("in_range", [False, True])
+def test_decode_under_jit_equals_eager(in_range):
+  cfg = CFG._replace(in_range=in_range)
+  secret = qim.new_secret_key(jax.random.key(0), 10, SHAPE, cfg)
+  x = jax.random.uniform(jax.random.key(1), (3,) + SHAPE)
+  eager = qim.decode(x, secret.messages, cfg)
+  jitted = jax.jit(qim.decode, static_argnums=2)(x, secret.messages, cfg)
+  np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_codeword_lattice_matches_paper():
   # Codewords of bit 0 at 0.5d, 2.5d, ...; of bit 1 at 1.5d, 3.5d, ... (§V-E, Fig. 4, d=64).
   d = 64.0

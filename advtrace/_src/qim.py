@@ -84,8 +84,11 @@ def qim_distance(p: jax.Array, bit: jax.Array, delta: float,
 
 
 def _highest_codeword(center, delta: float):
-  """The largest codeword ``center + 2 delta k`` (k >= 0) that is at most 255."""
-  return center + 2.0 * delta * jnp.floor((255.0 - center) / (2.0 * delta))
+  """The largest codeword ``center + 2 delta k`` (k >= 0) that is at most 255.
+
+  ``//`` keeps a Python float a concrete float, so :func:`max_distance` works under ``jit``.
+  """
+  return center + 2.0 * delta * ((255.0 - center) // (2.0 * delta))
 
 
 def max_distance(delta: float, in_range: bool = False) -> float:
