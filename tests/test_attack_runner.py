@@ -110,7 +110,8 @@ def test_run_attack_outputs(checkpoint, tmp_path):
   workdir = tmp_path / "fgsm"
   results = runner.run_attack(_config(checkpoint), workdir)
   files = sorted(os.listdir(workdir))
-  assert files == ["adversarial.npz", "results.json", "results.md", "run_config.json"], files
+  expected = [".lock", "adversarial.npz", "results.json", "results.md", "run_config.json"]
+  assert files == expected, files
   with np.load(workdir / "adversarial.npz") as f:
     adv = dict(f)
   assert set(adv) == {"indices", "x", "x_adv", "y", "success", "predicted", "iterations", "l0",
@@ -242,6 +243,28 @@ def test_uap_computes_then_applies(checkpoint, tmp_path):
   with np.load(tmp_path / "adversarial.npz") as f:
     np.testing.assert_allclose(f["x_adv"], np.clip(f["x"] + v, 0, 1), atol=1e-6)
     assert np.max(np.abs(v)) <= 0.3 + 1e-6
+
+
+def test_a_workdir_in_use_by_another_process_is_refused(checkpoint, tmp_path):
+  # Two processes resuming one checkpoint would overwrite each other's progress.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import fcntl, sys, time\n"
+       "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush()\n"
+       "print('held', flush=True); time.sleep(120)", str(workdir / ".lock")],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    config = _config(checkpoint, "fgsm")
+    with pytest.raises(RuntimeError, match="in use by another run \\(process 4242\\)"):
+      runner.run_attack(config, workdir)
+    assert not (workdir / "results.json").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+  # The lock dies with its holder: no stale lock is left behind.
+  assert runner.run_attack(config, workdir)["n_examples"] == config.n_examples
 
 
 def test_uap_interrupted_between_passes_resumes(checkpoint, tmp_path, monkeypatch):

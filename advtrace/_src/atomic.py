@@ -5,10 +5,13 @@ A crash or interruption leaves either the old file or the new one, never a parti
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import io
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from collections.abc import Mapping
 from typing import Any
 
@@ -77,3 +80,34 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads every array of an ``.npz`` file (never unpickles)."""
   with np.load(path, allow_pickle=False) as f:
     return {k: f[k] for k in f.files}
+
+
+@contextlib.contextmanager
+def exclusive_workdir(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds an exclusive lock on ``workdir`` (its ``.lock`` file) for the ``with`` block.
+
+  Two processes resuming the same checkpoint would each overwrite the other's progress, so the
+  second one fails at once. The operating system releases the lock when its holder exits, so a
+  killed run leaves no stale lock behind.
+
+  Raises:
+    RuntimeError: another process holds the lock.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, ".lock")
+  with open(path, "a+") as f:
+    try:
+      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      f.seek(0)
+      holder = f.read().strip() or "unknown"
+      raise RuntimeError(f"{os.fspath(workdir)!r} is in use by another run (process {holder}); "
+                         "wait for it to finish or stop it, then run again to resume.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)

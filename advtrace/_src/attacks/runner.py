@@ -488,6 +488,12 @@ def _targets(spec, context: Context, indices, random_targets, labels) -> np.ndar
 def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], context: Context,
          t0: float) -> dict[str, Any]:
   workdir = os.fspath(workdir)
+  with atomic.exclusive_workdir(workdir):
+    return _run_locked(config, workdir, spec, kwargs, context, t0)
+
+
+def _run_locked(config, workdir: str, spec: catalog.AttackSpec, kwargs: dict[str, Any],
+                context: Context, t0: float) -> dict[str, Any]:
   checks.check_positive(config.n_examples, "n_examples", allow_zero=False)
   checks.check_positive(config.batch_size, "batch_size", allow_zero=False)
   fingerprint = _fingerprint(config, spec, kwargs, context)
