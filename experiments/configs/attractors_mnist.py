@@ -17,10 +17,10 @@ same 12). The costly attacks (CW2, EAD, BLB, OM, SPSA, UAP) take hours each, as 
 ``--config.attacks="('fgsm','pgd')"``.
 Expected result (measured; docs/results/attractors_mnist.md): clean accuracy C 99.34%, M 99.34%;
 realised test FPR 5.01% / 0.46% at the 5% / 0.5% operating points; overall attack success rate
-(Table I (g)) 0.0-0.7% for FGSM, RFGSM, BIM, PGD, UMIFGSM, DeepFool, BPDA, SPSA (200), LLC,
-RLLC, ILLC, TMIFGSM, BLB (200) and CW2 (200) with detection 95.9-100%, and 9.4% for JSMA (2.1%
-detected: saturated pixels are a blind spot of the periodic QIM lattice). CW2 on M took 1.8 h
-on one core for its 200 examples; UAP, EAD and OM are not yet measured.
+(Table I (g)) 0.0-0.7% for FGSM, RFGSM, BIM, PGD, UMIFGSM, UAP, DeepFool, BPDA, SPSA (200),
+LLC, RLLC, ILLC, TMIFGSM, BLB (200) and CW2 (200) with detection 95.9-100%, and 9.4% for JSMA
+(2.1% detected: saturated pixels are a blind spot of the periodic QIM lattice). On one core CW2
+on M took 1.8 h for its 200 examples, UAP 8 minutes; EAD and OM are not yet measured.
 """
 
 from advtrace._src import attractor_experiment
