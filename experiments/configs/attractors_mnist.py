@@ -19,8 +19,10 @@ Expected result (measured; docs/results/attractors_mnist.md): clean accuracy C 9
 realised test FPR 5.01% / 0.46% at the 5% / 0.5% operating points; overall attack success rate
 (Table I (g)) 0.0-0.7% for FGSM, RFGSM, BIM, PGD, UMIFGSM, UAP, DeepFool, BPDA, SPSA (200),
 LLC, RLLC, ILLC, TMIFGSM, BLB (200) and CW2 (200) with detection 95.9-100%, and 9.4% for JSMA
-(2.1% detected: saturated pixels are a blind spot of the periodic QIM lattice). On one core CW2
-on M took 1.8 h for its 200 examples, UAP 8 minutes; EAD and OM are not yet measured.
+(2.1% detected: saturated pixels are a blind spot of the periodic QIM lattice) and 19.0% for
+EAD (200; 81.0% detected: at c = 100 its large unstructured perturbations overpower M). On one
+core, on M, CW2 took 1.8 h for its 200 examples, EAD 1 h, UAP 8 minutes; OM is not yet
+measured.
 """
 
 from advtrace._src import attractor_experiment
