@@ -107,7 +107,4 @@ def exclusive_workdir(workdir: str | os.PathLike) -> Iterator[None]:
     f.truncate()
     f.write(str(os.getpid()))
     f.flush()
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
+    yield  # closing the file releases the lock

@@ -708,15 +708,15 @@ def _prepare(config, workdir, spec, kwargs, context: Context):
                spec.name, len(subset.labels), len(rest.labels) or len(subset.labels))
   resumed = prepare_kwargs.get("resume_from")
   # Passes finished by earlier invocations count towards the total wall time too.
-  seconds_before = float(np.sum(resumed.seconds)) if resumed is not None else 0.0
+  earlier_pass_seconds = resumed.seconds if resumed is not None else np.zeros(0)
   t0 = time.perf_counter()
   perturbation, info = prepare(context.logits_fn, subset.images, jax.random.key(int(config.seed)),
                                **prepare_kwargs)
   info = _canonical(info._asdict() if hasattr(info, "_asdict") else info)
   info.update(train_fraction=fraction, split_seed=int(config.uap_split_seed),
               n_train=len(subset.labels), n_val=len(rest.labels),
-              seconds_total=seconds_before + time.perf_counter() - t0,
-              resumed_after_pass=len(resumed.seconds) if resumed is not None else 0)
+              seconds_total=float(np.sum(earlier_pass_seconds)) + time.perf_counter() - t0,
+              resumed_after_pass=len(earlier_pass_seconds))
   perturbation = np.asarray(perturbation)
   atomic.write_npz(path, {"perturbation": perturbation, "info": np.asarray(json.dumps(info))})
   if os.path.exists(progress_path):
