@@ -441,9 +441,10 @@ def _victim_folder(setup: _Setup, name: str) -> str:
 
 
 def _table1_row(setup: _Setup, name: str, m_context: runner.Context) -> dict[str, Any]:
-  victim = _run_attack(setup, name, _victim_folder(setup, name), setup.context)
+  # The attack on M goes first: the victim folder may be shared with, and locked by, another run.
   folder = os.path.join(setup.workdir, "attractor", name)
   on_m = _run_attack(setup, name, folder, m_context)
+  victim = _run_attack(setup, name, _victim_folder(setup, name), setup.context)
   adv = _load_adversarial(folder)
   row = {"attack": name, "threat": catalog.get(name).threat,
          "asr_c": victim["attack_success_rate"], "n_c": victim["n_examples"],
@@ -455,8 +456,8 @@ def _table1_row(setup: _Setup, name: str, m_context: runner.Context) -> dict[str
 
 def _integrated_row(setup: _Setup, name: str, context: runner.Context,
                     table1: Mapping[str, Any]) -> dict[str, Any]:
-  victim = _run_attack(setup, name, _victim_folder(setup, name), setup.context)
   result = _run_attack(setup, name, os.path.join(setup.workdir, "integrated", name), context)
+  victim = _run_attack(setup, name, _victim_folder(setup, name), setup.context)
   return {"attack": name, "asr_c": victim["attack_success_rate"], "n_c": victim["n_examples"],
           "asr_integrated": result["attack_success_rate"], "n_examples": result["n_examples"],
           "mean_l2_successful_c": victim["mean_l2_successful"],
