@@ -34,7 +34,6 @@ def test_full_run_then_resume(tmp_path):
   config = _config()
   # While another run holds the (shareable) victim folder, the attack on M still gets done.
   held = workdir / "victim" / "fgsm"
-  held.mkdir(parents=True)
   first = _config()
   first.stages = ("table1",)
   with atomic.exclusive_workdir(held):
