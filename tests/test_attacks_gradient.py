@@ -165,3 +165,40 @@ def test_host_loop_logs_progress(caplog, log_every_s, expected_lines):
   if expected_lines:
     assert lines[0] == "test_attacks_gradient._count_up: step 1/10, 4 examples still running."
   np.testing.assert_array_equal(np.asarray(out.iteration), 3)
+
+
+
+class _TargetState(NamedTuple):
+  x: jax.Array
+  x0: jax.Array
+  active: jax.Array
+  iteration: jax.Array
+
+
+def _count_to_x0(logits_fn, cfg, s):
+  del logits_fn, cfg
+  return s._replace(x=s.x + 1.0, active=s.x + 1.0 < s.x0)
+
+
+@pytest.mark.parametrize("rows_per_example,expected_sizes", [
+    (1, {5}),          # buckets hold at least 8 inputs: a batch of 5 is never gathered
+    (20, {5, 2, 1}),   # 20 inputs per example (OptMargin's copies): gathered down to one
+])
+def test_host_loop_gathers_active_examples(monkeypatch, rows_per_example, expected_sizes):
+  sizes = set()
+  jit_step = loop._jit_step
+
+  def recording_step(step_fn, logits_fn, cfg, state):
+    sizes.add(state.x.shape[0])
+    return jit_step(step_fn, logits_fn, cfg, state)
+
+  monkeypatch.setattr(loop, "_jit_step", recording_step)
+  stop_at = jnp.array([1.0, 9.0, 2.0, 5.0, 3.0])  # example i finishes after stop_at[i] steps
+  state = _TargetState(jnp.zeros(5), stop_at, jnp.ones(5, bool), jnp.zeros(5, jnp.int32))
+  out = loop.run(_count_to_x0, None, None, state, 20, loop="host", log_every_s=None,
+                 rows_per_example=rows_per_example)
+  assert sizes == expected_sizes
+  # Gathering changes only which rows are computed, not the results.
+  np.testing.assert_array_equal(np.asarray(out.x), np.asarray(stop_at))
+  np.testing.assert_array_equal(np.asarray(out.iteration), np.asarray(stop_at).astype(np.int32))
+  assert not np.asarray(out.active).any()

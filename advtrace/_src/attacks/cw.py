@@ -133,7 +133,8 @@ def tanh_attack(logits_fn: base.LogitsFn, x: jax.Array, labels: jax.Array, *, ta
   def run_round(const, best: binary_search.Best) -> binary_search.RoundResult:
     state = _init_state(cfg, x, labels, targeted_arr, const, kappa, learning_rate, abort_every,
                         noise, best.x_adv, best.dist)
-    state = loop.run(_step, logits_fn, cfg, state, max_iterations, loop=loop_mode)
+    state = loop.run(_step, logits_fn, cfg, state, max_iterations, loop=loop_mode,
+                     rows_per_example=copies)
     return binary_search.RoundResult(
         binary_search.Best(state.best_x, state.best_dist, best.found | state.round_success),
         state.round_success, state.iteration, state.iteration * copies)

@@ -13,8 +13,9 @@ the loop either
 - ``"host"``: a Python loop over the jitted step, with early exit, a progress callback, and a
   log line (step, examples still running) at most every ``log_every_s`` seconds.
   Once at most half of the batch is still active, the active examples are gathered into a
-  smaller batch (a power of two, at least ``_MIN_BUCKET``), so finished examples stop costing
-  compute; this compiles the step for at most log2(batch) extra shapes, once each.
+  smaller batch (a power of two holding at least ``_MIN_BUCKET_ROWS`` model inputs, e.g. one
+  OptMargin example of 20 noisy copies), so finished examples stop costing compute; this
+  compiles the step for at most log2(batch) extra shapes, once each.
 
 ``"auto"`` picks host on CPU and fused elsewhere. On 2 CPU cores the host loop ran PGD and CW
 on the DEEPSEC MNIST CNN at about 40 ms per step against 320 ms fused: inside the compiled
@@ -64,11 +65,14 @@ def _batched_step(step_fn: StepFn, logits_fn, cfg, state):
 
 _jit_step = xla.jit(_batched_step, static_argnums=(0, 1, 2), donate_argnums=())
 
-_MIN_BUCKET = 8
+# The smallest bucket holds this many model inputs: smaller ones would save little compute,
+# and each bucket size is one more compile of the step.
+_MIN_BUCKET_ROWS = 8
 
 
-def _bucket(n_active: int) -> int:
-  return max(_MIN_BUCKET, 1 << max(0, int(n_active - 1).bit_length()))
+def _bucket(n_active: int, rows_per_example: int) -> int:
+  smallest = max(1, _MIN_BUCKET_ROWS // rows_per_example)
+  return max(smallest, 1 << max(0, int(n_active - 1).bit_length()))
 
 
 @jax.jit
@@ -105,7 +109,7 @@ def resolve_loop(loop: str) -> str:
 
 def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "auto",
         progress: ProgressFn | None = None, check_every: int = 1,
-        log_every_s: float | None = 60.0):
+        log_every_s: float | None = 60.0, rows_per_example: int = 1):
   """Runs ``num_steps`` steps of ``step_fn`` on a batch ``state`` (see the module docstring).
 
   Args:
@@ -120,6 +124,8 @@ def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "
     log_every_s: in host mode, log progress at an early-exit test when at least this many
       seconds have passed since the last log line (None: never), so hour-long batches show
       that they move.
+    rows_per_example: model inputs one example's step evaluates (OptMargin: its noisy copies);
+      sets the smallest batch the host loop gathers active examples into.
 
   Returns:
     The final batched state.
@@ -143,7 +149,7 @@ def run(step_fn: StepFn, logits_fn, cfg, state, num_steps: int, *, loop: str = "
       logging.info("%s.%s: step %d/%d, %d examples still running.",
                    step_fn.__module__.rsplit(".", 1)[-1], step_fn.__name__, i + 1, num_steps,
                    int(active.sum()))
-    size = _bucket(int(active.sum()))
+    size = _bucket(int(active.sum()), rows_per_example)
     if size <= active.size // 2:
       # Pad with a finished row: its step result is discarded by _freeze_done.
       keep = np.flatnonzero(active)
