@@ -167,7 +167,6 @@ def test_host_loop_logs_progress(caplog, log_every_s, expected_lines):
   np.testing.assert_array_equal(np.asarray(out.iteration), 3)
 
 
-
 class _TargetState(NamedTuple):
   x: jax.Array
   x0: jax.Array

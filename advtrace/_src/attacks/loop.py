@@ -65,8 +65,7 @@ def _batched_step(step_fn: StepFn, logits_fn, cfg, state):
 
 _jit_step = xla.jit(_batched_step, static_argnums=(0, 1, 2), donate_argnums=())
 
-# The smallest bucket holds this many model inputs: smaller ones would save little compute,
-# and each bucket size is one more compile of the step.
+# Each bucket size is one more compile of the step, so buckets stop at this many model inputs.
 _MIN_BUCKET_ROWS = 8
 
 
