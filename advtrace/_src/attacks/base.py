@@ -10,7 +10,9 @@ Every attack in advtrace is a pure function
   ``targeted=True``.
 - ``key`` is one typed PRNG key (row ``i`` then uses ``fold_in(key, i)``) or a batch of keys,
   one per row. A batch of keys makes row ``i`` of a batched call equal to the single-example
-  call with ``keys[i:i+1]``.
+  call with ``keys[i:i+1]``, up to float rounding: XLA may round a model's arithmetic
+  differently for another batch shape, and over thousands of steps an early-abort test can
+  then stop on another step.
 - Continuous hyperparameters (epsilon, step sizes, confidence, ...) are Python scalars or
   per-example arrays of shape ``(batch,)``.
 - The output is already projected onto the threat model and clipped to the box; ``success`` is

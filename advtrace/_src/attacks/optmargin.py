@@ -117,9 +117,10 @@ def optmargin(
   lr 0.2, 20 offsets (the zero one included: 19 noisy copies and the point), noise_mag 0.3,
   10,000 iterations, kappa 0; DEEPSEC runs them without early abort (``abort_early=False``).
   CIFAR-10: ``initial_const=1, learning_rate=0.02, noise_mag=0.03137``. Differences from
-  DEEPSEC: offsets are drawn per example (row ``i`` of a batch equals the single-example call
-  with key ``i``) rather than once per batch; a failure returns ``x`` (DEEPSEC returns zeros);
-  DEEPSEC's bisection bug (``binary_search.py``) is not reproduced. The authors' code instead
+  DEEPSEC: offsets are drawn per example (row ``i`` of a batch gets the offsets of the
+  single-example call with key ``i``) rather than once per batch; a failure returns ``x``
+  (DEEPSEC returns zeros); DEEPSEC's bisection bug (``binary_search.py``) is not reproduced.
+  The authors' code instead
   scales the offsets to RMS ``noise_mag`` (``noise_scaling="rms"``) and uses
   ``decision_rule="all"``.
 
