@@ -120,9 +120,8 @@ def optmargin(
   DEEPSEC: offsets are drawn per example (row ``i`` of a batch gets the offsets of the
   single-example call with key ``i``) rather than once per batch; a failure returns ``x``
   (DEEPSEC returns zeros); DEEPSEC's bisection bug (``binary_search.py``) is not reproduced.
-  The authors' code instead
-  scales the offsets to RMS ``noise_mag`` (``noise_scaling="rms"``) and uses
-  ``decision_rule="all"``.
+  The authors' code instead scales the offsets to RMS ``noise_mag`` (``noise_scaling="rms"``)
+  and uses ``decision_rule="all"``.
 
   Args:
     logits_fn: batched model, NHWC images to logits.
