@@ -14,7 +14,8 @@ step per batch size (1, 2, 4, ... examples), which shows whether a smaller batch
   XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
       taskset -c 1 python benchmarks/gathering.py --workdir=/tmp/gathering
 
-Needs only advtrace (no torch). Each run includes its compiles (the step for each batch shape).
+Needs only advtrace (no torch). The step timing compiles the step for every batch shape the
+runs use, so their wall times leave that compile out.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def main(argv):
       ["examples in the batch", "ms per step", "ms per example and step"],
       [[b, ms, ms / b] for b, ms in step_ms.items()])
   table = _common.markdown_table(
-      ["run", "wall s (compiles included)", "iterations per example", "ASR", "mean L2",
+      ["run", "wall s (step already compiled)", "iterations per example", "ASR", "mean L2",
        "same iterations as no gathering", "max abs diff of x_adv vs no gathering"], rows)
   section = (f"## Host-loop gathering on OptMargin, DEEPSEC MNIST CNN, CPU ({_LABEL.value})\n\n"
              + _common.machine_lines(info, _LABEL.value) + "\n"
