@@ -9,11 +9,13 @@ Expected runtime on 2 CPU cores (measured 2026-11-21, n as below; Table VII's ea
 on): the 11 gradient attacks (FGSM ... TMIFGSM, DeepFool, BPDA) 3 minutes together (plus ~1
 minute of loading and compiling), JSMA 3 minutes, SPSA 6 minutes (it stops an example once it is
 adversarial), BLB 5 minutes, UAP 25 minutes (5 passes), CW2 ~1.3 h and EAD ~1.9 h (on one core).
-OM is the long one: 20 noisy copies per step, 4 rounds of 2,000-2,800 Adam steps each (with
-early abort), measured ~230 s per example on one pinned core in batches of 5, so ~13 core-hours
-for 200; ``deepsec_code_mnist`` (no early abort) takes longer for CW2/EAD/OM too. UAP makes up
-to 20 passes until the fooling rate reaches 30%. A GPU (``loop_mode`` "auto" then fuses the
-loops) cuts all of this by orders of magnitude; on CPU, run the costly attacks last or apart
+OM is the long one: 20 noisy copies per step, 4 rounds of 2,000-3,000 Adam steps each (with
+early abort), measured ~200 s per example on one pinned core with ``--config.batch_size=1``, so
+~11 core-hours for 200 (each example is already 20 model inputs, so on a CPU a larger batch
+gains nothing: ``benchmarks/gathering.py``); ``deepsec_code_mnist`` (no early abort) takes
+longer for CW2/EAD/OM too. UAP makes up to 20 passes until the fooling rate reaches 30%. A
+GPU (``loop_mode`` "auto" then fuses the loops) cuts all of this by orders of magnitude; on
+CPU, run the costly attacks last or apart
 (``--config.attacks="('om',)"``): every finished attack is kept. On 2 cores, two such runs side
 by side, each pinned to one core with one XLA thread
 (``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0
