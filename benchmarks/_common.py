@@ -159,6 +159,19 @@ def append_markdown(path: str | os.PathLike, section: str) -> None:
   atomic.write_text(path, old.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
 
 
+def write_outputs(workdir: str | os.PathLike, results: Any, markdown: str,
+                  results_md: str | os.PathLike | None) -> None:
+  """Writes ``results.json`` and ``results.md`` into ``workdir``, appends the Markdown section to
+  ``results_md`` (unless empty) and prints it."""
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  write_json(workdir / "results.json", results)
+  write_text(workdir / "results.md", markdown)
+  if results_md:
+    append_markdown(results_md, markdown)
+  print(markdown)
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   def fmt(v):
     if isinstance(v, float):

@@ -29,7 +29,6 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from absl import app
@@ -385,13 +384,8 @@ def main(argv):
          "num_images": len(x), "batch_size": _BATCH_SIZE.value, "clean_accuracy": accuracy,
          "model_variant": _MODEL.value,
          "torch_agrees_on_selection": agree, "results": results, "grad_microbench": grad}
-  workdir = Path(_WORKDIR.value)
-  _common.write_json(workdir / "results.json", out)
-  md = _markdown(info, results, grad, len(x), accuracy)
-  _common.write_text(workdir / "results.md", md)
-  if _RESULTS_MD.value:
-    _common.append_markdown(_RESULTS_MD.value, md)
-  print(md)
+  _common.write_outputs(_WORKDIR.value, out, _markdown(info, results, grad, len(x), accuracy),
+                        _RESULTS_MD.value)
 
 
 if __name__ == "__main__":

@@ -113,12 +113,7 @@ def main(argv):
              + f"- Data: first {n} correctly classified MNIST test images, one batch; OptMargin "
              f"Table VII settings but {_ROUNDS.value} rounds of at most {_ITERATIONS.value} "
              "steps (early abort every tenth of that)\n\n" + step_table + "\n\n" + table)
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  _common.write_json(os.path.join(_WORKDIR.value, "results.json"), results)
-  _common.write_text(os.path.join(_WORKDIR.value, "results.md"), section)
-  if _RESULTS_MD.value:
-    _common.append_markdown(_RESULTS_MD.value, section)
-  print(section)
+  _common.write_outputs(_WORKDIR.value, results, section, _RESULTS_MD.value)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 from absl import app
 from absl import flags
@@ -155,13 +154,8 @@ def main(argv):
   out = {"machine": info, "command": _common.command_line(), "label": _LABEL.value,
          "num_images": len(x), "batch_size": _BATCH_SIZE.value, "model_variant": _MODEL.value,
          "bare_grad_ms_per_batch": grad_ms, "results": results}
-  workdir = Path(_WORKDIR.value)
-  _common.write_json(workdir / "results.json", out)
-  md = _markdown(info, results, grad_ms, len(x))
-  _common.write_text(workdir / "results.md", md)
-  if _RESULTS_MD.value:
-    _common.append_markdown(_RESULTS_MD.value, md)
-  print(md)
+  _common.write_outputs(_WORKDIR.value, out, _markdown(info, results, grad_ms, len(x)),
+                        _RESULTS_MD.value)
 
 
 def _markdown(info, results, grad_ms, n_images) -> str:

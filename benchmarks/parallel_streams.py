@@ -115,12 +115,7 @@ def main(argv):
              f"- Command: `{_common.command_line()}`\n\n{table}\n\n"
              f"Two single-thread processes do **{gain:.2f}x** the work of one two-thread "
              "process.\n")
-  os.makedirs(_WORKDIR.value, exist_ok=True)
-  _common.write_json(os.path.join(_WORKDIR.value, "results.json"), results)
-  _common.write_text(os.path.join(_WORKDIR.value, "results.md"), section)
-  if _RESULTS_MD.value:
-    _common.append_markdown(_RESULTS_MD.value, section)
-  print(section)
+  _common.write_outputs(_WORKDIR.value, results, section, _RESULTS_MD.value)
 
 
 if __name__ == "__main__":
