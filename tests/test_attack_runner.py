@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
@@ -72,6 +75,13 @@ def _config(checkpoint, attack="fgsm", **overrides):
                      n_examples=N, candidate_pool=40, batch_size=BATCH, settings="table7_mnist"))
   config.update(overrides)
   return config
+
+
+def _assert_same_run(a_dir, b_dir):
+  with np.load(a_dir / "adversarial.npz") as a, np.load(b_dir / "adversarial.npz") as b:
+    assert a.files == b.files
+    for key in a.files:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
 def _model(checkpoint):
@@ -176,8 +186,7 @@ def test_resume_after_interruption(checkpoint, tmp_path, monkeypatch):
   _swap(monkeypatch, "pgd", interrupted)
   with pytest.raises(_Interrupt):
     runner.run_attack(config, tmp_path / "run")
-  with np.load(tmp_path / "run" / "partial.npz") as f:
-    assert int(f["n_done"]) == 2 * BATCH and len(f["x_adv"]) == 2 * BATCH
+  assert sorted(os.listdir(tmp_path / "run" / "partial")) == ["000000.npz", f"{BATCH:06d}.npz"]
   assert not (tmp_path / "run" / "results.json").exists()
 
   resumed = []
@@ -189,12 +198,10 @@ def test_resume_after_interruption(checkpoint, tmp_path, monkeypatch):
   _swap(monkeypatch, "pgd", counting)
   runner.run_attack(config, tmp_path / "run")
   assert resumed == [BATCH]  # only the last batch (2 examples, padded to 4) was redone
-  assert not (tmp_path / "run" / "partial.npz").exists()
+  assert not (tmp_path / "run" / "partial").exists()
+  assert not (tmp_path / "run" / "claims").exists()
   runner.run_attack(config, tmp_path / "fresh")  # uninterrupted, for comparison
-  with np.load(tmp_path / "run" / "adversarial.npz") as a, \
-       np.load(tmp_path / "fresh" / "adversarial.npz") as b:
-    for key in a.files:
-      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  _assert_same_run(tmp_path / "run", tmp_path / "fresh")
   # A different config in the used workdir is refused.
   with pytest.raises(ValueError, match="different attack run.*kwargs"):
     runner.run_attack(_config(checkpoint, "pgd", attack_kwargs='{"num_steps": 4}'),
@@ -245,26 +252,60 @@ def test_uap_computes_then_applies(checkpoint, tmp_path):
     assert np.max(np.abs(v)) <= 0.3 + 1e-6
 
 
-def test_a_workdir_in_use_by_another_process_is_refused(checkpoint, tmp_path):
-  # Two processes resuming one checkpoint would overwrite each other's progress.
-  workdir = tmp_path / "run"
-  workdir.mkdir()
+def test_runs_on_one_workdir_share_its_batches(checkpoint, tmp_path, monkeypatch):
+  # Two runs at once (threads: their file locks conflict as two processes' do) attack
+  # different batches side by side, none twice, and end as one run alone does.
+  config = _config(checkpoint, "pgd", attack_kwargs='{"num_steps": 3}')
+  runner.run_attack(config, tmp_path / "alone")
+  both_attacking = threading.Barrier(2, timeout=60)
+  first_calls, calls = set(), []
+
+  def attack(logits_fn, x, labels, key, **kw):
+    me = threading.current_thread().name
+    calls.append(me)
+    if me not in first_calls:
+      first_calls.add(me)
+      both_attacking.wait()  # breaks (and fails the test) unless the other run is attacking too
+    return gradient.pgd(logits_fn, x, labels, key, **kw)
+
+  _swap(monkeypatch, "pgd", attack)
+  with concurrent.futures.ThreadPoolExecutor(2) as workers:
+    runs = [workers.submit(runner.run_attack, config, tmp_path / "shared") for _ in range(2)]
+    results = [run.result(timeout=300) for run in runs]
+  assert len(calls) == 3 and len(set(calls)) == 2  # three batches, split between both runs
+  assert results[0]["attack_success_rate"] == results[1]["attack_success_rate"]
+  _assert_same_run(tmp_path / "shared", tmp_path / "alone")
+
+
+def test_the_batch_of_a_killed_run_goes_back_to_the_others(checkpoint, tmp_path):
+  # Another process holds the claim on the second batch; the run attacks the first and the
+  # last, waits, and attacks the second itself once that process is killed.
+  config = _config(checkpoint, "fgsm")
+  runner.run_attack(config, tmp_path / "alone")
+  claims = tmp_path / "run" / "claims"
+  claims.mkdir(parents=True)
   holder = subprocess.Popen(
       [sys.executable, "-c", "import fcntl, sys, time\n"
-       "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush()\n"
-       "print('held', flush=True); time.sleep(120)", str(workdir / ".lock")],
+       "f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+       "print('held', flush=True); time.sleep(120)", str(claims / f"{BATCH:06d}-{2 * BATCH:06d}")],
       stdout=subprocess.PIPE, text=True)
+  run = concurrent.futures.ThreadPoolExecutor(1)
   try:
     assert holder.stdout.readline().strip() == "held"
-    config = _config(checkpoint, "fgsm")
-    with pytest.raises(RuntimeError, match="in use by another run \\(process 4242\\)"):
-      runner.run_attack(config, workdir)
-    assert not (workdir / "results.json").exists()
+    future = run.submit(runner.run_attack, config, tmp_path / "run")
+    partial = tmp_path / "run" / "partial"
+    deadline = time.monotonic() + 120
+    while len(list(partial.glob("*.npz"))) < 2 and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert sorted(os.listdir(partial)) == ["000000.npz", f"{2 * BATCH:06d}.npz"]
+    time.sleep(0.5)
+    assert not future.done()  # waiting for the held batch
   finally:
     holder.kill()
     holder.wait()
-  # The lock dies with its holder: no stale lock is left behind.
-  assert runner.run_attack(config, workdir)["n_examples"] == config.n_examples
+  assert future.result(timeout=120)["n_examples"] == N
+  run.shutdown()
+  _assert_same_run(tmp_path / "run", tmp_path / "alone")
 
 
 def test_uap_interrupted_between_passes_resumes(checkpoint, tmp_path, monkeypatch):

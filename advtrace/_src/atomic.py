@@ -13,11 +13,13 @@ import os
 import tempfile
 from collections.abc import Iterator
 from collections.abc import Mapping
+from typing import IO
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
+from absl import logging
 
 
 def write_bytes(path: str | os.PathLike, payload: bytes, *, mode: int | None = None) -> None:
@@ -83,28 +85,45 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
-def exclusive_workdir(workdir: str | os.PathLike) -> Iterator[None]:
-  """Holds an exclusive lock on ``workdir`` (its ``.lock`` file) for the ``with`` block.
+def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
+  """Holds the exclusive lock on ``workdir`` (its ``.lock`` file) for the ``with`` block.
 
-  Two processes resuming the same checkpoint would each overwrite the other's progress, so the
-  second one fails at once. The operating system releases the lock when its holder exits, so a
-  killed run leaves no stale lock behind.
-
-  Raises:
-    RuntimeError: another process holds the lock.
+  Waits while another process holds it. Processes that share a workdir take the lock only for
+  short steps (checking the workdir, claiming work, saving a result), so they can work side by
+  side. The operating system releases the lock when its holder exits, so a killed run leaves
+  no stale lock behind.
   """
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, ".lock")
-  with open(path, "a+") as f:
+  with open(os.path.join(workdir, ".lock"), "a+") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      f.seek(0)
-      holder = f.read().strip() or "unknown"
-      raise RuntimeError(f"{os.fspath(workdir)!r} is in use by another run (process {holder}); "
-                         "wait for it to finish or stop it, then run again to resume.") from None
-    f.seek(0)
-    f.truncate()
-    f.write(str(os.getpid()))
-    f.flush()
+      logging.info("Waiting for another process to release %s.", os.fspath(workdir))
+      fcntl.flock(f, fcntl.LOCK_EX)
     yield  # closing the file releases the lock
+
+
+def try_lock(path: str | os.PathLike) -> IO[str] | None:
+  """Takes the exclusive lock of ``path`` (created if missing) without waiting.
+
+  Returns:
+    The open file, whose closing releases the lock; None if another open file holds it (in
+    this process or another).
+  """
+  f = open(path, "a+")  # pylint: disable=consider-using-with
+  try:
+    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    f.close()
+    return None
+  return f
+
+
+def wait_for_lock(path: str | os.PathLike) -> None:
+  """Returns once nobody holds the lock of ``path`` (at once if ``path`` does not exist)."""
+  try:
+    f = open(path)  # pylint: disable=consider-using-with
+  except FileNotFoundError:
+    return
+  with f:
+    fcntl.flock(f, fcntl.LOCK_EX)

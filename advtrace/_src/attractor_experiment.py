@@ -441,7 +441,6 @@ def _victim_folder(setup: _Setup, name: str) -> str:
 
 
 def _table1_row(setup: _Setup, name: str, m_context: runner.Context) -> dict[str, Any]:
-  # The attack on M goes first: the victim folder may be shared with, and locked by, another run.
   folder = os.path.join(setup.workdir, "attractor", name)
   on_m = _run_attack(setup, name, folder, m_context)
   victim = _run_attack(setup, name, _victim_folder(setup, name), setup.context)

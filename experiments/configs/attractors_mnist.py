@@ -14,7 +14,9 @@ calibration, Figs. 5 and 7, the 12 fast attacks (FGSM ... JSMA, n as below) on M
 and the ablations, once the runs on C exist (``reproduce_deepsec_mnist.py``, ~10 minutes for the
 same 12). The costly attacks (CW2, EAD, BLB, OM, SPSA, UAP) take hours each, as in
 ``reproduce_deepsec_mnist.py``; finished attacks are kept, so the run can be done in pieces, e.g.
-``--config.attacks="('fgsm','pgd')"``.
+``--config.attacks="('fgsm','pgd')"``. The same command started once per core (each pinned,
+one XLA thread) shares each attack's batches between the runs.
+
 Expected result (measured; docs/results/attractors_mnist.md): clean accuracy C 99.34%, M 99.34%;
 realised test FPR 5.01% / 0.46% at the 5% / 0.5% operating points; overall attack success rate
 (Table I (g)) 0.0-0.7% for FGSM, RFGSM, BIM, PGD, UMIFGSM, UAP, DeepFool, BPDA, SPSA (200),

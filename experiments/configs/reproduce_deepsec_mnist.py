@@ -19,7 +19,8 @@ CPU, run the costly attacks last or apart
 (``--config.attacks="('om',)"``): every finished attack is kept. On 2 cores, two such runs side
 by side, each pinned to one core with one XLA thread
 (``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0
-...``), did 1.2-1.3x the work of one run on both cores (``benchmarks/parallel_streams.py``).
+...``), did 1.2-1.3x the work of one run on both cores (``benchmarks/parallel_streams.py``);
+the same command started twice that way shares one attack's batches between the two runs.
 
 Expected result (measured, first 1,000 candidates; seed-003 Table I (c) in brackets): FGSM 79.9
 (90.4, a flagged 10.5-point gap), RFGSM 72.0 (65.6), BIM 100 (100), PGD 100 (100), UMIFGSM 100

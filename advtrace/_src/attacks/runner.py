@@ -6,9 +6,12 @@
   ``x_adv``, ``y`` (true labels), ``target`` (targeted attacks), ``success``, ``predicted``,
   ``iterations``, ``l0``, ``l2``, ``linf``, and ``queries`` (query-based attacks);
 - ``results.json`` and ``results.md``: the settings and the metrics;
-- while running: ``run_config.json`` (what is being run) and ``partial.npz`` (the finished
-  examples), rewritten atomically after every batch. Rerunning with the same workdir continues
-  after the last finished batch; a finished run is returned as is.
+- while running: ``run_config.json`` (what is being run), ``partial/`` (one file per finished
+  batch, written atomically) and ``claims/`` (the batches being attacked). Rerunning with the
+  same workdir continues with the unfinished batches; a finished run is returned as is.
+  Several processes started with the same config on one workdir share its batches (see
+  ``advtrace._src.work_pool``), e.g. one per CPU core for a slow attack; the batch of a
+  process that dies goes back to the others.
 
 :func:`reproduce_attacks` runs a list of attacks (default: seed-003's 18 with Table VII) on one
 model, each in ``<workdir>/<attack>/``, and writes a summary table beside seed-003 Table I.
@@ -34,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import json
-import math
 import os
 import random
 import time
@@ -54,6 +56,7 @@ from advtrace._src import batching
 from advtrace._src import checks
 from advtrace._src import data
 from advtrace._src import weights as weights_lib
+from advtrace._src import work_pool
 from advtrace._src import xla
 from advtrace._src.attacks import catalog
 from advtrace._src.attacks import settings as settings_lib
@@ -62,7 +65,6 @@ from advtrace._src.models import deepsec_weights
 from advtrace._src.models import registry
 
 _RESERVED = ("logits_fn", "x", "labels", "key", "targeted", "loop_mode")
-_PARTIAL = "partial.npz"
 _RUN_CONFIG = "run_config.json"
 _UAP_FILE = "uap_perturbation.npz"
 _UAP_PROGRESS = "uap_progress.npz"
@@ -387,9 +389,9 @@ def _call_kwargs(fn, spec: catalog.AttackSpec, kwargs: Mapping[str, Any], loop_m
 def run_attack(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict[str, Any]:
   """Runs one catalogue attack on DEEPSEC-style candidates and writes the results.
 
-  Resumable: rerunning with the same ``config`` and ``workdir`` continues after the last
-  finished batch (a finished run returns its saved results). A different config in a used
-  workdir is an error.
+  Resumable: rerunning with the same ``config`` and ``workdir`` continues with the unfinished
+  batches (a finished run returns its saved results). Processes running the same config on one
+  workdir at the same time share its batches. A different config in a used workdir is an error.
 
   Args:
     config: see :func:`default_config`.
@@ -402,9 +404,10 @@ def run_attack(config: ml_collections.ConfigDict, workdir: str | os.PathLike) ->
     prediction != true label), ``mean_{l0,l2,linf}_successful`` (over successful examples,
     None if there are none) and ``mean_{l0,l2,linf}_all`` (over all examples; a failed
     minimal-perturbation attack contributes 0), ``mean_queries`` / ``mean_iterations``,
-    ``attack_time_s`` (attack calls only, summed over resumed sessions), ``wall_time_s`` (this
-    call), ``first_batch_s`` (includes compilation), ``examples_per_sec`` (steady state:
-    batches after the first of this call), ``device`` and more.
+    ``attack_time_s`` (attack calls only, summed over resumed sessions and processes),
+    ``wall_time_s`` (this call), ``first_batch_s`` (this call's first batch, including
+    compilation; None if it attacked none), ``examples_per_sec`` (steady state: this call's
+    batches after its first), ``device`` and more.
   """
   t0 = time.perf_counter()
   spec, kwargs = resolve_attack(config.attack, config.settings, config.attack_kwargs)
@@ -470,10 +473,7 @@ def _prepare_workdir(workdir: str, fingerprint: dict[str, Any]) -> dict[str, Any
   """Checks a reused workdir; returns saved results if this exact run already finished."""
   os.makedirs(workdir, exist_ok=True)
   check_fingerprint(os.path.join(workdir, _RUN_CONFIG), fingerprint, "a different attack run")
-  if not is_finished(workdir):
-    return None
-  with open(os.path.join(workdir, "results.json")) as f:
-    return json.load(f)
+  return _saved_results(workdir) if is_finished(workdir) else None
 
 
 def _targets(spec, context: Context, indices, random_targets, labels) -> np.ndarray:
@@ -488,16 +488,15 @@ def _targets(spec, context: Context, indices, random_targets, labels) -> np.ndar
 def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], context: Context,
          t0: float) -> dict[str, Any]:
   workdir = os.fspath(workdir)
-  with atomic.exclusive_workdir(workdir):
-    return _run_locked(config, workdir, spec, kwargs, context, t0)
-
-
-def _run_locked(config, workdir: str, spec: catalog.AttackSpec, kwargs: dict[str, Any],
-                context: Context, t0: float) -> dict[str, Any]:
   checks.check_positive(config.n_examples, "n_examples", allow_zero=False)
   checks.check_positive(config.batch_size, "batch_size", allow_zero=False)
   fingerprint = _fingerprint(config, spec, kwargs, context)
-  done = _prepare_workdir(workdir, fingerprint)
+  extra: dict[str, Any] = {}
+  uap_info = None
+  with atomic.workdir_lock(workdir):
+    done = _prepare_workdir(workdir, fingerprint)
+    if done is None and spec.needs_train_set:  # One process computes it, the others reuse it.
+      extra, uap_info = _prepare(config, workdir, spec, kwargs, context)
   if done is not None:
     logging.info("%s: already complete in %s (ASR %.2f%%); skipping.", spec.name, workdir,
                  done["attack_success_rate"])
@@ -510,54 +509,68 @@ def _run_locked(config, workdir: str, spec: catalog.AttackSpec, kwargs: dict[str
   indices = pool_idx[:n]
   x, y = ds.images[indices], ds.labels[indices]
   target = _targets(spec, context, indices, pool_targets[:n], y)
-
   fn = spec.fn
-  extra: dict[str, Any] = {}
-  uap_info = None
-  if spec.needs_train_set:
-    extra, uap_info = _prepare(config, workdir, spec, kwargs, context)
   call_kwargs = _call_kwargs(fn, spec, {**_split_kwargs(fn, kwargs), **extra}, config.loop_mode)
 
-  partial_path = os.path.join(workdir, _PARTIAL)
-  saved = atomic.read_npz(partial_path) if os.path.exists(partial_path) else {}
-  n_done = int(saved["n_done"]) if saved else 0
-  attack_time = float(saved["attack_time_s"]) if saved else 0.0
-  parts = {k: [saved[k]] for k in _INFO_FIELDS + ("x_adv",)} if saved else {
-      k: [] for k in _INFO_FIELDS + ("x_adv",)}
-  if n_done:
-    logging.info("%s: resuming after %d/%d finished examples.", spec.name, n_done, n)
-
   batch_size = min(int(config.batch_size), n)
-  num_batches = math.ceil((n - n_done) / batch_size)
+  pool = work_pool.WorkPool(workdir, n, batch_size)
   first_batch_s, steady_s, steady_n = None, 0.0, 0
-  positions = np.arange(n_done, n)
-  for b, batch in enumerate(batching.padded_batches(positions, None, batch_size)):
-    pos = batch.x
-    keys = _example_keys(int(config.seed), pos)
-    t_batch = time.perf_counter()
-    out = fn(context.logits_fn, x[pos], target[pos], keys, **call_kwargs)
-    x_adv = np.asarray(out.x_adv)
-    info = {k: np.asarray(getattr(out.info, k)) for k in _INFO_FIELDS}
-    elapsed = time.perf_counter() - t_batch
-    attack_time += elapsed
+  while True:
+    with atomic.workdir_lock(workdir):
+      if is_finished(workdir):  # Another process finished the run.
+        return _saved_results(workdir)
+      claim = None if pool.complete() else pool.claim()
+    if claim is None:
+      if pool.complete():
+        break
+      logging.info("%s: waiting for the batches other processes are attacking.", spec.name)
+      pool.wait()
+      continue
+    with claim:
+      pos = batching.pad_to(claim.positions, batch_size)
+      keys = _example_keys(int(config.seed), pos)
+      t_batch = time.perf_counter()
+      out = fn(context.logits_fn, x[pos], target[pos], keys, **call_kwargs)
+      rows = len(claim.positions)
+      result = {"x_adv": np.asarray(out.x_adv)[:rows],
+                **{k: np.asarray(getattr(out.info, k))[:rows] for k in _INFO_FIELDS}}
+      elapsed = time.perf_counter() - t_batch
+      with atomic.workdir_lock(workdir):
+        pool.save(claim, {**result, "attack_time_s": np.float64(elapsed)})
+        finished = pool.gather(("success",))["success"]
     if first_batch_s is None:
       first_batch_s = elapsed
     else:
-      steady_s, steady_n = steady_s + elapsed, steady_n + int(batch.mask.sum())
-    parts["x_adv"].append(x_adv[batch.mask])
-    for k in _INFO_FIELDS:
-      parts[k].append(info[k][batch.mask])
-    n_done += int(batch.mask.sum())
-    merged = {k: np.concatenate(v) for k, v in parts.items()}
-    parts = {k: [v] for k, v in merged.items()}
-    atomic.write_npz(partial_path, {**merged, "n_done": np.int64(n_done),
-                                    "attack_time_s": np.float64(attack_time)})
-    logging.info("%s: batch %d/%d done (%d/%d examples), ASR so far %.1f%%, %.2f s.", spec.name,
-                 b + 1, num_batches, n_done, n, 100 * np.mean(merged["success"]), elapsed)
+      steady_s, steady_n = steady_s + elapsed, steady_n + rows
+    logging.info("%s: examples %d-%d done in %.2f s; %d/%d finished, ASR so far %.1f%%.",
+                 spec.name, claim.positions[0], claim.positions[-1], elapsed, len(finished), n,
+                 100 * np.mean(finished))
 
-  arrays = {k: np.concatenate(v) for k, v in parts.items()}
-  if len(arrays["success"]) != n:
-    raise RuntimeError(f"internal error: {len(arrays['success'])} results for {n} examples.")
+  with atomic.workdir_lock(workdir):
+    if is_finished(workdir):
+      return _saved_results(workdir)
+    return _finish(config, workdir, spec, kwargs, context, pool, t0,
+                   (indices, x, y, target), uap_info, (first_batch_s, steady_s, steady_n))
+
+
+def _saved_results(workdir: str) -> dict[str, Any]:
+  with open(os.path.join(workdir, "results.json")) as f:
+    return json.load(f)
+
+
+def _finish(config, workdir, spec, kwargs, context: Context, pool: work_pool.WorkPool, t0,
+            candidates, uap_info, timing) -> dict[str, Any]:
+  """Writes ``adversarial.npz`` and the results from the finished batches; clears the pool."""
+  indices, x, y, target = candidates
+  first_batch_s, steady_s, steady_n = timing
+  n = len(indices)
+  arrays = pool.gather(("x_adv",) + _INFO_FIELDS)
+  attack_time = pool.total("attack_time_s")
+  if not np.array_equal(arrays["positions"], np.arange(n)):
+    raise RuntimeError(f"internal error: results for {len(arrays['positions'])} of {n} "
+                       "examples.")
+  ds = context.dataset
+  batch_size = pool.batch_size
   adversarial = {"indices": indices, "x": x, "x_adv": arrays["x_adv"], "y": y,
                  "success": arrays["success"], "predicted": arrays["predicted"],
                  "iterations": arrays["iterations"], "l0": arrays["l0"], "l2": arrays["l2"],
@@ -591,7 +604,7 @@ def _run_locked(config, workdir: str, spec: catalog.AttackSpec, kwargs: dict[str
     results["uap"] = uap_info
   atomic.write_json(os.path.join(workdir, "results.json"), results)
   atomic.write_bytes(os.path.join(workdir, "results.md"), results_markdown(results).encode())
-  os.remove(partial_path)
+  pool.clear()
   logging.info("%s on %s/%s: ASR %.2f%% over %d examples, mean L2 (successful) %s, %.1f s.",
                spec.name, context.model, ds.name, results["attack_success_rate"], n,
                _fmt(results["mean_l2_successful"]), attack_time)
