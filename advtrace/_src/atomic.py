@@ -1,6 +1,8 @@
-"""Atomic file writes: a temporary file in the target's folder, then ``os.replace``.
+"""Atomic file writes (a temporary file in the target's folder, then ``os.replace``) and locks.
 
-A crash or interruption leaves either the old file or the new one, never a partial file.
+A crash or interruption leaves either the old file or the new one, never a partial file. The
+locks are ``flock`` locks on files, which the operating system releases when their process
+exits, so a killed run never leaves a stale lock.
 """
 
 from __future__ import annotations
@@ -90,8 +92,7 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[None]:
 
   Waits while another process holds it. Processes that share a workdir take the lock only for
   short steps (checking the workdir, claiming work, saving a result), so they can work side by
-  side. The operating system releases the lock when its holder exits, so a killed run leaves
-  no stale lock behind.
+  side.
   """
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, ".lock"), "a+") as f:

@@ -8,7 +8,7 @@ no two processes take the same batch.
 
 A process claims the first free batch of up to ``batch_size`` consecutive positions. One
 process alone therefore runs the batches a plain loop would, ``[0, b), [b, 2b), ...``; several
-processes split them between them.
+processes share them out.
 
 Usage, in each process::
 
@@ -47,7 +47,8 @@ _LEGACY = "partial.npz"
 
 
 class Claim:
-  """Positions one process is computing; leaving the ``with`` block releases the claim."""
+  """Positions one process is computing. Leaving the ``with`` block (or dropping the object,
+  which closes its lock file) releases the claim."""
 
   def __init__(self, positions: np.ndarray, path: str, lock: IO[str]):
     self.positions = positions
