@@ -50,6 +50,7 @@ def test_claims_are_exclusive_until_released(tmp_path):
   assert again.positions.tolist() == [0, 1, 2, 3]
   _save(b, again)
   _save(b, last)
+  assert len(a.gather(("value",))["positions"]) == 6  # a sees b's batches
   assert not a.complete()
   assert a.num_done() == 6
 

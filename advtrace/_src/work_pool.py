@@ -98,7 +98,7 @@ class WorkPool:
     return done
 
   def num_done(self) -> int:
-    """How many positions are finished (as of the last claim, save or completeness check)."""
+    """How many positions are finished (as of the last claim, completeness check or gather)."""
     return int(self._done_mask().sum())
 
   def complete(self) -> bool:
@@ -156,6 +156,7 @@ class WorkPool:
   def gather(self, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (one row per position) of the finished positions, in position
     order, with their ``positions``."""
+    self._refresh()
     chunks = sorted(self._chunks.values(), key=lambda c: int(c["positions"][0]))
     keys = tuple(keys) + ("positions",)
     if not chunks:
