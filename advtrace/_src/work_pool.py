@@ -15,10 +15,11 @@ Usage, in each process::
   pool = WorkPool(workdir, n, batch_size)
   while True:
     with atomic.workdir_lock(workdir):
-      claim = None if pool.complete() else pool.claim()
+      complete = pool.complete()
+      claim = None if complete else pool.claim()
+    if complete:
+      break
     if claim is None:
-      if pool.complete():
-        break
       pool.wait()  # every unfinished batch is claimed: wait for one of them
       continue
     with claim:
@@ -97,10 +98,6 @@ class WorkPool:
       done[chunk["positions"]] = True
     return done
 
-  def num_done(self) -> int:
-    """How many positions are finished (as of the last claim, completeness check or gather)."""
-    return int(self._done_mask().sum())
-
   def complete(self) -> bool:
     """Whether every position is finished. Call it under the workdir lock."""
     self._refresh()
@@ -149,9 +146,9 @@ class WorkPool:
 
   def wait(self) -> None:
     """Waits until one batch claimed by another process is released (finished or abandoned)."""
-    for name in _listdir(self._path(_CLAIMS)):
-      atomic.wait_for_lock(self._path(_CLAIMS, name))
-      return
+    claims = _listdir(self._path(_CLAIMS))
+    if claims:
+      atomic.wait_for_lock(self._path(_CLAIMS, claims[0]))
 
   def gather(self, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (one row per position) of the finished positions, in position

@@ -519,10 +519,11 @@ def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], cont
     with atomic.workdir_lock(workdir):
       if is_finished(workdir):  # Another process finished the run.
         return _saved_results(workdir)
-      claim = None if pool.complete() else pool.claim()
+      complete = pool.complete()
+      claim = None if complete else pool.claim()
+    if complete:
+      break
     if claim is None:
-      if pool.complete():
-        break
       logging.info("%s: waiting for the batches other processes are attacking.", spec.name)
       pool.wait()
       continue
