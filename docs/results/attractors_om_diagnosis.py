@@ -13,8 +13,9 @@ batches are read from the run's shared pool. Prints one JSON object:
 2. ``gradients``: the gradient of OM's loss (the margin of log M summed over the 20 copies
    x + u_j), split into the path through W (C held fixed) and through C (W held fixed): the
    norm of the sum over copies and its coherence ||sum_j g_j|| / sum_j ||g_j||, at the clean
-   candidates and at OM's successful outputs. The offsets come from a fixed key (12345), not
-   the run's.
+   candidates and at OM's successful outputs; and the coherence of the gradient of w_y (the
+   true class's correlation) for each QIM step alone. The offsets come from a fixed key
+   (12345), not the run's.
 3. ``without_offsets``: OM rerun on M on its successful examples (at most ``max_rerun``,
    default 16) with ``noise_count=1``, i.e. without the 19 noisy copies, the other Table VII
    settings unchanged. This is the causal test: the same optimiser without the copies.
@@ -83,15 +84,22 @@ def _gradient_split(setup, x, y):
     m = (c + w) / jnp.sum(c + w)
     return losses.margin(jnp.log(m + 1e-12), label, False)
 
+  def coherence(g):
+    g = g.reshape(NOISE_COUNT, -1)
+    return jnp.linalg.norm(g.sum(0)) / jnp.maximum(jnp.linalg.norm(g, axis=1).sum(), 1e-30)
+
   @jax.jit
   def one(xi, yi, key):
     copies = jnp.clip(xi[None] + optmargin.noise_vectors(key, xi.shape, NOISE_COUNT, 0.3), 0, 1)
     out = {}
     for path in ("W", "C"):
-      g = jax.vmap(jax.grad(loss), (0, None, None))(copies, yi, path).reshape(NOISE_COUNT, -1)
-      total = jnp.linalg.norm(g.sum(0))
-      out[f"{path}_sum_norm"] = total
-      out[f"{path}_coherence"] = total / jnp.maximum(jnp.linalg.norm(g, axis=1).sum(), 1e-30)
+      g = jax.vmap(jax.grad(loss), (0, None, None))(copies, yi, path)
+      out[f"{path}_sum_norm"] = jnp.linalg.norm(g.sum(0))
+      out[f"{path}_coherence"] = coherence(g)
+    for s, step in enumerate(cfg.steps):  # w_y of one lattice alone
+      one_scale = cfg._replace(steps=(step,), scale_weights=(1.0,))
+      w_y = lambda z, s=s, c=one_scale: qim.decode(z[None], messages[:, s:s + 1], c)[0, yi]
+      out[f"w_y_step{step:g}_coherence"] = coherence(jax.vmap(jax.grad(w_y))(copies))
     return out
 
   keys = jax.random.split(jax.random.key(12345), len(y))
