@@ -41,11 +41,12 @@ from experiments.configs import attractors_mnist
 
 WORKDIR = "workdirs/attractors_mnist"
 VICTIM = "workdirs/reproduce_deepsec_mnist"
-NOISE_COUNT = 20
+OM_SETTINGS = settings.get_settings("table7_mnist", "om")
+NOISE_COUNT = OM_SETTINGS["noise_count"]
 W_STATISTICS = ("max_w", "min_w", "std_w")
 
 
-def _om_on_m(setup, n):
+def _om_on_m(n):
   folder = os.path.join(WORKDIR, "attractor", "om")
   path = os.path.join(folder, "adversarial.npz")
   if os.path.exists(path):
@@ -90,7 +91,8 @@ def _gradient_split(setup, x, y):
 
   @jax.jit
   def one(xi, yi, key):
-    copies = jnp.clip(xi[None] + optmargin.noise_vectors(key, xi.shape, NOISE_COUNT, 0.3), 0, 1)
+    offsets = optmargin.noise_vectors(key, xi.shape, NOISE_COUNT, OM_SETTINGS["noise_mag"])
+    copies = jnp.clip(xi[None] + offsets, 0, 1)
     out = {}
     for path in ("W", "C"):
       g = jax.vmap(jax.grad(loss), (0, None, None))(copies, yi, path)
@@ -108,7 +110,7 @@ def _gradient_split(setup, x, y):
 
 
 def _without_offsets(setup, x, y):
-  kwargs = {**settings.get_settings("table7_mnist", "om"), "noise_count": 1}
+  kwargs = {**OM_SETTINGS, "noise_count": 1}
   keys = jax.random.split(jax.random.key(12345), len(y))
   x_adv = np.asarray(optmargin.optmargin(setup.m_logits, x, y, keys, **kwargs).x_adv)
   success = setup.predictions(x_adv) != y
@@ -129,7 +131,7 @@ def main(max_rerun: int) -> None:
   config.victim_workdir = VICTIM
   setup = attractor_experiment._Setup(config, WORKDIR)
   victim = atomic.read_npz(os.path.join(VICTIM, "om", "adversarial.npz"))
-  x_adv, success, positions = _om_on_m(setup, len(victim["y"]))
+  x_adv, success, positions = _om_on_m(len(victim["y"]))
   x, y = victim["x"][positions], victim["y"][positions]
   rerun = np.flatnonzero(success)[:max_rerun]
   disagreeing = int(np.sum((setup.predictions(x_adv) != y) != success))
