@@ -15,7 +15,7 @@ batches are read from the run's shared pool. Prints one JSON object:
    norm of the sum over copies and its coherence ||sum_j g_j|| / sum_j ||g_j||, at the clean
    candidates and at OM's successful outputs; and the coherence of the gradient of w_y (the
    true class's correlation) for each QIM step alone. The offsets come from a fixed key
-   (12345), not the run's.
+   (``SEED``), not the run's.
 3. ``without_offsets``: OM rerun on M on its successful examples (at most ``max_rerun``,
    default 16) with ``noise_count=1``, i.e. without the 19 noisy copies, the other Table VII
    settings unchanged. This is the causal test: the same optimiser without the copies.
@@ -44,6 +44,7 @@ VICTIM = "workdirs/reproduce_deepsec_mnist"
 OM_SETTINGS = settings.get_settings("table7_mnist", "om")
 NOISE_COUNT = OM_SETTINGS["noise_count"]
 W_STATISTICS = ("max_w", "min_w", "std_w")
+SEED = 12345  # the offsets and OM keys of this script, not the run's
 
 
 def _om_on_m(n):
@@ -83,7 +84,7 @@ def _gradient_split(setup, x, y):
     c = jax.lax.stop_gradient(c) if path == "W" else c
     w = jax.lax.stop_gradient(w) if path == "C" else w
     m = (c + w) / jnp.sum(c + w)
-    return losses.margin(jnp.log(m + 1e-12), label, False)
+    return losses.margin(jnp.log(m + attractors._LOG_EPS), label, False)
 
   def coherence(g):
     g = g.reshape(NOISE_COUNT, -1)
@@ -104,21 +105,20 @@ def _gradient_split(setup, x, y):
       out[f"w_y_step{step:g}_coherence"] = coherence(jax.vmap(jax.grad(w_y))(copies))
     return out
 
-  keys = jax.random.split(jax.random.key(12345), len(y))
+  keys = jax.random.split(jax.random.key(SEED), len(y))
   rows = [one(x[i], y[i], keys[i]) for i in range(len(y))]
   return {k: float(np.median([float(r[k]) for r in rows])) for k in rows[0]}
 
 
 def _without_offsets(setup, x, y):
   kwargs = {**OM_SETTINGS, "noise_count": 1}
-  keys = jax.random.split(jax.random.key(12345), len(y))
+  keys = jax.random.split(jax.random.key(SEED), len(y))
   x_adv = np.asarray(optmargin.optmargin(setup.m_logits, x, y, keys, **kwargs).x_adv)
   success = setup.predictions(x_adv) != y
   return _outputs(setup, x_adv, success, y) | {"settings": kwargs}
 
 
-def _om_on_c(setup):
-  adv = atomic.read_npz(os.path.join(VICTIM, "om", "adversarial.npz"))
+def _om_on_c(setup, adv):
   fools_m = adv["success"].astype(bool) & (setup.predictions(adv["x_adv"]) != adv["y"])
   flagged = np.asarray(attractors.detect(setup.decoder(adv["x_adv"]), setup.cals[0])[0])
   return {"n_examples": int(len(fools_m)), "n_fooling_m": int(fools_m.sum()),
@@ -142,7 +142,7 @@ def main(max_rerun: int) -> None:
       "gradients": {"at_clean_candidates": _gradient_split(setup, x, y),
                     "at_successful_outputs": _gradient_split(setup, x_adv[success], y[success])},
       "without_offsets": _without_offsets(setup, x[rerun], y[rerun]),
-      "om_on_c": _om_on_c(setup)}, indent=1))
+      "om_on_c": _om_on_c(setup, victim)}, indent=1))
 
 
 if __name__ == "__main__":
