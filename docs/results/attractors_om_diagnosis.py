@@ -4,8 +4,8 @@
       python docs/results/attractors_om_diagnosis.py [max_rerun]
 
 Reads the workdirs of the documented commands (`workdirs/attractors_mnist`, its key, and
-`workdirs/reproduce_deepsec_mnist` for OM on C). While OM on M is still running, its finished
-batches are read from the run's shared pool. Prints one JSON object:
+`workdirs/reproduce_deepsec_mnist` for OM on C, if that has run). While OM on M is still
+running, its finished batches are read from the run's shared pool. Prints one JSON object:
 
 1. ``outputs``: OM's examples on M, how many fool C itself, how many are flagged, and the
    median statistics of W (max, min, SD) on the undetected ones; beside them the same
@@ -36,6 +36,7 @@ from advtrace._src import qim
 from advtrace._src import work_pool
 from advtrace._src.attacks import losses
 from advtrace._src.attacks import optmargin
+from advtrace._src.attacks import runner
 from advtrace._src.attacks import settings
 from experiments.configs import attractors_mnist
 
@@ -125,14 +126,25 @@ def _om_on_c(setup, adv):
           "n_flagged_at_5pct_among_those": int((flagged & fools_m).sum())}
 
 
+def _candidates(setup, config):
+  """OM's candidates (images, labels), as the runner draws them."""
+  sub = runner.attack_config(config, "om")
+  n = int(sub.n_examples)
+  ds = setup.context.dataset
+  indices, _ = runner.deepsec_candidates(setup.context.clean_logits, ds.labels,
+                                         runner._pool(sub), int(sub.candidate_seed))
+  return ds.images[indices[:n]], ds.labels[indices[:n]]
+
+
 def main(max_rerun: int) -> None:
   config = attractors_mnist.get_config()
   config.data_dir = os.environ.get("TFDS_DATA_DIR", "../shared/tensorflow_datasets")
   config.victim_workdir = VICTIM
   setup = attractor_experiment._Setup(config, WORKDIR)
-  victim = atomic.read_npz(os.path.join(VICTIM, "om", "adversarial.npz"))
-  x_adv, success, positions = _om_on_m(len(victim["y"]))
-  x, y = victim["x"][positions], victim["y"][positions]
+  x_all, y_all = _candidates(setup, config)
+  x_adv, success, positions = _om_on_m(len(y_all))
+  x, y = x_all[positions], y_all[positions]
+  on_c = os.path.join(VICTIM, "om", "adversarial.npz")
   rerun = np.flatnonzero(success)[:max_rerun]
   disagreeing = int(np.sum((setup.predictions(x_adv) != y) != success))
   print(json.dumps({
@@ -142,7 +154,8 @@ def main(max_rerun: int) -> None:
       "gradients": {"at_clean_candidates": _gradient_split(setup, x, y),
                     "at_successful_outputs": _gradient_split(setup, x_adv[success], y[success])},
       "without_offsets": _without_offsets(setup, x[rerun], y[rerun]),
-      "om_on_c": _om_on_c(setup, victim)}, indent=1))
+      "om_on_c": (_om_on_c(setup, atomic.read_npz(on_c)) if os.path.exists(on_c)
+                  else f"not measured: {on_c} does not exist yet")}, indent=1))
 
 
 if __name__ == "__main__":
