@@ -128,12 +128,9 @@ def _om_on_c(setup, adv):
 
 def _candidates(setup, config):
   """OM's candidates (images, labels), as the runner draws them."""
-  sub = runner.attack_config(config, "om")
-  n = int(sub.n_examples)
+  indices, _ = runner.candidates(runner.attack_config(config, "om"), setup.context)
   ds = setup.context.dataset
-  indices, _ = runner.deepsec_candidates(setup.context.clean_logits, ds.labels,
-                                         runner._pool(sub), int(sub.candidate_seed))
-  return ds.images[indices[:n]], ds.labels[indices[:n]]
+  return ds.images[indices], ds.labels[indices]
 
 
 def main(max_rerun: int) -> None:

@@ -446,6 +446,16 @@ def _pool(config) -> int:
   return max(int(config.candidate_pool), int(config.n_examples))
 
 
+def candidates(config: ml_collections.ConfigDict,
+               context: Context) -> tuple[np.ndarray, np.ndarray]:
+  """The test indices an attack run attacks and their random targets: the first
+  ``config.n_examples`` of DEEPSEC's candidates drawn from a pool of ``config.candidate_pool``."""
+  n = int(config.n_examples)
+  indices, targets = deepsec_candidates(context.clean_logits, context.dataset.labels,
+                                        _pool(config), int(config.candidate_seed))
+  return indices[:n], targets[:n]
+
+
 def check_fingerprint(path: str, fingerprint: dict[str, Any], what: str) -> None:
   """Records ``fingerprint`` (JSON) at ``path``, or checks that the one recorded there is equal.
 
@@ -504,11 +514,9 @@ def _run(config, workdir, spec: catalog.AttackSpec, kwargs: dict[str, Any], cont
 
   ds = context.dataset
   n = int(config.n_examples)
-  pool_idx, pool_targets = deepsec_candidates(context.clean_logits, ds.labels, _pool(config),
-                                              int(config.candidate_seed))
-  indices = pool_idx[:n]
+  indices, random_targets = candidates(config, context)
   x, y = ds.images[indices], ds.labels[indices]
-  target = _targets(spec, context, indices, pool_targets[:n], y)
+  target = _targets(spec, context, indices, random_targets, y)
   fn = spec.fn
   call_kwargs = _call_kwargs(fn, spec, {**_split_kwargs(fn, kwargs), **extra}, config.loop_mode)
 
@@ -927,7 +935,8 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
 
 
 __all__ = [
-    "Context", "PAPER_TABLE1_ASR", "attack_config", "check_fingerprint", "clear_context_cache",
+    "Context", "PAPER_TABLE1_ASR", "attack_config", "candidates", "check_fingerprint",
+    "clear_context_cache",
     "deepsec_candidates", "default_config", "default_reproduce_config", "device_info",
     "finished_elsewhere", "is_finished", "load_context", "reproduce_attacks", "resolve_attack",
     "results_markdown", "run_attack", "run_resolved", "summary_markdown", "summary_rows",
