@@ -133,6 +133,7 @@ def test_combined_model_contract():
   expect = (c + w) / (c + w).sum(-1, keepdims=True)
   np.testing.assert_allclose(np.asarray(probs), np.asarray(expect),
                              rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(at.combine(c, w)), np.asarray(logits), rtol=1e-6)
   g = jax.grad(lambda z: f(z)[:, 0].sum())(x)
   assert np.all(np.isfinite(np.asarray(g)))
 

@@ -43,15 +43,15 @@ def decoder_fn(secret: qim.SecretKey, cfg: qim.QIMConfig = qim.QIMConfig()):
   return functools.partial(_decoder, secret.messages, cfg)
 
 
-def _combined_probs(classifier, messages, cfg, x):
-  c = jax.nn.softmax(classifier(x), axis=-1)
-  w = qim.decode(x, messages, cfg)
+def combine(c: jax.Array, w: jax.Array) -> jax.Array:
+  """Eq. (2) from its parts: ``log((C + W) / |C + W|)`` for class probabilities ``c`` and
+  decoder outputs ``w`` of the same shape (last axis: classes). Its softmax is ``M``."""
   s = c + w
-  return s / jnp.sum(s, axis=-1, keepdims=True)
+  return jnp.log(s / jnp.sum(s, axis=-1, keepdims=True) + _LOG_EPS)
 
 
 def _combined_logits(classifier, messages, cfg, x):
-  return jnp.log(_combined_probs(classifier, messages, cfg, x) + _LOG_EPS)
+  return combine(jax.nn.softmax(classifier(x), axis=-1), qim.decode(x, messages, cfg))
 
 
 def attractor_logits_fn(classifier: LogitsFn, secret: qim.SecretKey,

@@ -15,6 +15,7 @@ from advtrace._src.attractor_experiment import run as run_experiment
 from advtrace._src.attractors import Calibration
 from advtrace._src.attractors import attractor_logits_fn
 from advtrace._src.attractors import calibrate
+from advtrace._src.attractors import combine
 from advtrace._src.attractors import decoder_fn
 from advtrace._src.attractors import detect
 from advtrace._src.attractors import detection_score

@@ -84,8 +84,7 @@ def _gradient_split(setup, x, y):
     w = qim.decode(z[None], messages, cfg)[0]
     c = jax.lax.stop_gradient(c) if path == "W" else c
     w = jax.lax.stop_gradient(w) if path == "C" else w
-    m = (c + w) / jnp.sum(c + w)
-    return losses.margin(jnp.log(m + attractors._LOG_EPS), label, False)
+    return losses.margin(attractors.combine(c, w), label, False)
 
   def coherence(g):
     g = g.reshape(NOISE_COUNT, -1)
