@@ -22,11 +22,11 @@ realised test FPR 5.01% / 0.46% at the 5% / 0.5% operating points; overall attac
 (Table I (g)) 0.0-0.7% for FGSM, RFGSM, BIM, PGD, UMIFGSM, UAP, DeepFool, BPDA, SPSA (200),
 LLC, RLLC, ILLC, TMIFGSM, BLB (200) and CW2 (200) with detection 95.9-100%, and 9.4% for JSMA
 (2.1% detected: saturated pixels are a blind spot of the periodic QIM lattice) and 19.0% for
-EAD (200; 81.0% detected: at c = 100 its large unstructured perturbations overpower M). On one
-core, on M, CW2 took 1.8 h for its 200 examples, EAD 1 h, UAP 8 minutes; OM ~220-250 s per
-example with ``--config.batch_size=1`` (~13 core-hours for 200, not yet finished; interim, 93 of
-200: 28.0% succeed on M and only 2 of those 26 are detected, since OM's noisy copies blur W's
-step-3 lattice).
+EAD (200; 81.0% detected: at c = 100 its large unstructured perturbations overpower M), and
+29.0% for OM (200, another key; 32.0% succeed on M and only 6 of those 64 are detected, since
+OM's noisy copies blur W's step-3 lattice). On one core, on M, CW2 took 1.8 h for its 200
+examples, EAD 1 h, UAP 8 minutes, OM 8.4 h with ``--config.batch_size=1`` (~150 s per
+example); OM on M_(d,r) costs about as much.
 """
 
 from advtrace._src import attractor_experiment
