@@ -44,8 +44,15 @@ def decoder_fn(secret: qim.SecretKey, cfg: qim.QIMConfig = qim.QIMConfig()):
 
 
 def combine(c: jax.Array, w: jax.Array) -> jax.Array:
-  """Eq. (2) from its parts: ``log((C + W) / |C + W|)`` for class probabilities ``c`` and
-  decoder outputs ``w`` of the same shape (last axis: classes). Its softmax is ``M``."""
+  """Eq. (2) from its parts, as logits: ``log((C + W) / |C + W|)``.
+
+  Args:
+    c: the classifier's class probabilities, shape ``(..., num_classes)``.
+    w: the decoder's outputs ``W(x)`` for the same inputs, same shape.
+
+  Returns:
+    ``log M``, same shape; its softmax is ``M``.
+  """
   s = c + w
   return jnp.log(s / jnp.sum(s, axis=-1, keepdims=True) + _LOG_EPS)
 
