@@ -936,9 +936,8 @@ def _write_summary(config, workdir, rows, context: Context, t0) -> dict[str, Any
 
 __all__ = [
     "Context", "PAPER_TABLE1_ASR", "attack_config", "candidates", "check_fingerprint",
-    "clear_context_cache",
-    "deepsec_candidates", "default_config", "default_reproduce_config", "device_info",
-    "finished_elsewhere", "is_finished", "load_context", "reproduce_attacks", "resolve_attack",
-    "results_markdown", "run_attack", "run_resolved", "summary_markdown", "summary_rows",
-    "table_order",
+    "clear_context_cache", "deepsec_candidates", "default_config", "default_reproduce_config",
+    "device_info", "finished_elsewhere", "is_finished", "load_context", "reproduce_attacks",
+    "resolve_attack", "results_markdown", "run_attack", "run_resolved", "summary_markdown",
+    "summary_rows", "table_order",
 ]
