@@ -28,10 +28,10 @@ from advtrace._src.attacks import runner
 def main(n: int, variants: list[dict], attacks: list[str]) -> None:
   config = runner.default_config()
   config.data_dir = "../shared/tensorflow_datasets"
+  config.n_examples = n
   ctx = runner.load_context(config)
   ds = ctx.dataset
-  idx, pool_targets = runner.deepsec_candidates(ctx.clean_logits, ds.labels, 1000, 100)
-  idx, pool_targets = idx[:n], pool_targets[:n]
+  idx, pool_targets = runner.candidates(config, ctx)
   x, y = ds.images[idx], ds.labels[idx]
   _, val = data.deepsec_split(data.load("mnist", "train", config.data_dir), 0.1, 100)
   keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(0), jnp.arange(n))
