@@ -1,17 +1,22 @@
 """End-to-end test of the injected-attractors experiment on a slice of MNIST (DEEPSEC CNN)."""
 
+import importlib.util
 import os
 import stat
 
 import numpy as np
 import pytest
 from conftest import deepsec_weights
+from conftest import repo_root
 from conftest import tfds_data_dir
 
 from advtrace._src import attractor_experiment as experiment
+from advtrace._src import data
 from advtrace._src import qim
+from advtrace._src.attacks import catalog
+from advtrace._src.attacks import runner
 
-pytestmark = pytest.mark.skipif(
+needs_mnist = pytest.mark.skipif(
     deepsec_weights("MNIST_raw.pt") is None or tfds_data_dir() is None,
     reason="../shared MNIST weights or tfds data are absent")
 
@@ -28,6 +33,7 @@ def _config():
   return config
 
 
+@needs_mnist
 def test_full_run_then_resume(tmp_path):
   workdir = tmp_path / "run"
   config = _config()
@@ -90,6 +96,7 @@ def test_full_run_then_resume(tmp_path):
     experiment.run(other, workdir)
 
 
+@needs_mnist
 def test_bad_config_fails_before_work(tmp_path):
   config = _config()
   config.stages = ("table1", "tabel5")
@@ -100,3 +107,33 @@ def test_bad_config_fails_before_work(tmp_path):
   with pytest.raises(ValueError, match="no_such_attack"):
     experiment.run(config, tmp_path)
   assert not os.listdir(tmp_path)
+
+
+def _experiment_config(name):
+  path = repo_root() / "experiments" / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
+def test_experiment_configs_use_table7_settings(dataset):
+  config = _experiment_config(f"attractors_{dataset}")
+  assert config.dataset == config.paper_column == dataset
+  assert config.settings == f"table7_{dataset}"
+  assert set(config.attacks) == set(config.integrated_attacks) == set(catalog.DEEPSEC_ATTACKS)
+  assert all(int(config.n_examples[a]) >= 200 for a in config.attacks)
+  assert tuple(config.target_fprs) == (0.05, 0.005)
+  for name in config.attacks:
+    runner.resolve_attack(name, config.settings)
+
+
+def test_cifar10_fails_clearly_without_data_and_makes_no_key(tmp_path):
+  config = _experiment_config("attractors_cifar10")
+  config.data_dir = str(tmp_path / "no_tfds")
+  workdir = tmp_path / "out"
+  with pytest.raises(data.DatasetNotFoundError, match="cifar10"):
+    experiment.run(config, workdir)
+  assert not os.path.exists(experiment.default_key_path(str(workdir)))
+  assert not workdir.exists()

@@ -12,6 +12,7 @@ from advtrace._src import attractors as at
 from advtrace._src import qim
 
 SHAPE = (8, 8, 1)
+COLOUR_SHAPE = (6, 6, 3)  # the CIFAR-10 path: a key and a decoder over every channel
 CFG = qim.QIMConfig()
 
 
@@ -61,9 +62,10 @@ def test_codeword_lattice_matches_paper():
     assert float(qim.qim_distance(jnp.float32(c), 1.0, d)) == 0.0
 
 
-def test_watermarked_image_decodes_to_its_message():
-  secret = _secret()
-  x = jax.random.uniform(jax.random.key(1), (10,) + SHAPE)
+@pytest.mark.parametrize("shape", [SHAPE, COLOUR_SHAPE])
+def test_watermarked_image_decodes_to_its_message(shape):
+  secret = _secret(shape=shape)
+  x = jax.random.uniform(jax.random.key(1), (10,) + shape)
   marked = jnp.stack([qim.nearest_attractor(x[k], secret.messages[k], CFG) for k in range(10)])
   w = qim.decode(marked, secret.messages, CFG)
   np.testing.assert_array_equal(np.argmax(w, -1), np.arange(10))
@@ -119,10 +121,11 @@ def _toy_classifier(x):
   return jnp.stack([-(m - k / 10.0) ** 2 * 100 for k in range(10)], -1)
 
 
-def test_combined_model_contract():
-  secret = _secret()
+@pytest.mark.parametrize("shape", [SHAPE, COLOUR_SHAPE])
+def test_combined_model_contract(shape):
+  secret = _secret(shape=shape)
   f = at.attractor_logits_fn(_toy_classifier, secret, CFG)
-  x = jax.random.uniform(jax.random.key(4), (5,) + SHAPE)
+  x = jax.random.uniform(jax.random.key(4), (5,) + shape)
   logits = f(x)
   assert logits.shape == (5, 10) and logits.dtype == jnp.float32
   probs = jax.nn.softmax(logits)
@@ -136,6 +139,9 @@ def test_combined_model_contract():
   np.testing.assert_allclose(np.asarray(at.combine(c, w)), np.asarray(logits), rtol=1e-6)
   g = jax.grad(lambda z: f(z)[:, 0].sum())(x)
   assert np.all(np.isfinite(np.asarray(g)))
+  other = COLOUR_SHAPE if shape == SHAPE else SHAPE
+  with pytest.raises(ValueError, match="key covers images of shape"):
+    f(jnp.zeros((2,) + other))
 
 
 def test_calibration_realises_target_fpr_on_fresh_clean_data():

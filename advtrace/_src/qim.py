@@ -136,7 +136,14 @@ def decode(x: jax.Array, messages: jax.Array, cfg: QIMConfig) -> jax.Array:
     x: images, NHWC in [0, 1].
     messages: the secret bits, shape ``(num_messages, len(cfg.steps)) + x.shape[1:]``.
     cfg: the decoder settings.
+
+  Raises:
+    ValueError: the images' shape is not the one the key was made for.
   """
+  if jnp.ndim(x) != 4 or tuple(jnp.shape(x)[1:]) != tuple(messages.shape[2:]):
+    raise ValueError(f"The QIM key covers images of shape {tuple(messages.shape[2:])}, got a "
+                     f"batch of shape {tuple(jnp.shape(x))}; pass NHWC images of the dataset "
+                     "the key was made for.")
   per_message = jax.vmap(normalized_distance, in_axes=(None, 0, None))
   r = jax.vmap(per_message, in_axes=(0, None, None))(x, messages, cfg)
   return correlation(r, cfg)
