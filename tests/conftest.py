@@ -1,4 +1,4 @@
-"""Locations of the shared (read-only) test data.
+"""Locations of the shared (read-only) test data, and the experiment configs.
 
 Plain functions, importable with ``from conftest import tfds_data_dir``, and the same names as
 pytest fixtures. Each returns None when the data is absent; tests then ``pytest.skip`` with a
@@ -7,6 +7,7 @@ reason.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -16,6 +17,20 @@ import pytest
 def repo_root() -> Path:
   """The repository root (the parent of ``tests/``)."""
   return Path(__file__).resolve().parent.parent
+
+
+def experiment_config_module(name: str):
+  """The module ``experiments/configs/<name>.py``."""
+  path = repo_root() / "experiments" / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def experiment_config(name: str):
+  """``get_config()`` of ``experiments/configs/<name>.py``."""
+  return experiment_config_module(name).get_config()
 
 
 def shared_root() -> Path | None:

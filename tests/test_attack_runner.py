@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,6 +17,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 from conftest import deepsec_weights
+from conftest import experiment_config
 from conftest import repo_root
 from conftest import tfds_data_dir
 
@@ -443,30 +443,22 @@ def test_summary_markdown_formatting():
   assert "Flagged gaps: fgsm." in md
 
 
-def _load_config(name):
-  path = repo_root() / "experiments" / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 def test_reproduce_configs():
-  mnist = _load_config("reproduce_deepsec_mnist")
+  mnist = experiment_config("reproduce_deepsec_mnist")
   assert tuple(mnist.attacks) == catalog.DEEPSEC_ATTACKS and mnist.settings == "table7_mnist"
   assert all(mnist.n_examples[a] >= 200 for a in mnist.attacks)
   assert mnist.n_examples.cw2 < mnist.n_examples.fgsm
-  cifar = _load_config("reproduce_deepsec_cifar10")
+  cifar = experiment_config("reproduce_deepsec_cifar10")
   assert cifar.settings == "table7_cifar10" and cifar.dataset == "cifar10"
   assert cifar.paper_column == "cifar10" and cifar.model == "deepsec_resnet20"
   for name in catalog.DEEPSEC_ATTACKS:
     runner.resolve_attack(name, mnist.settings)
     runner.resolve_attack(name, cifar.settings)
-  assert _load_config("attack_default").attack == "fgsm"
+  assert experiment_config("attack_default").attack == "fgsm"
 
 
 def test_reproduce_cifar10_fails_clearly_without_data(tmp_path):
-  config = _load_config("reproduce_deepsec_cifar10")
+  config = experiment_config("reproduce_deepsec_cifar10")
   config.data_dir = str(tmp_path / "no_tfds")
   with pytest.raises(data.DatasetNotFoundError, match="cifar10"):
     runner.reproduce_attacks(config, tmp_path / "out")

@@ -1,13 +1,12 @@
 """End-to-end test of the injected-attractors experiment on a slice of MNIST (DEEPSEC CNN)."""
 
-import importlib.util
 import os
 import stat
 
 import numpy as np
 import pytest
 from conftest import deepsec_weights
-from conftest import repo_root
+from conftest import experiment_config
 from conftest import tfds_data_dir
 
 from advtrace._src import attractor_experiment as experiment
@@ -109,17 +108,9 @@ def test_bad_config_fails_before_work(tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def _experiment_config(name):
-  path = repo_root() / "experiments" / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
-
-
 @pytest.mark.parametrize("dataset", ["mnist", "cifar10"])
 def test_experiment_configs_use_table7_settings(dataset):
-  config = _experiment_config(f"attractors_{dataset}")
+  config = experiment_config(f"attractors_{dataset}")
   assert config.dataset == config.paper_column == dataset
   assert config.settings == f"table7_{dataset}"
   assert set(config.attacks) == set(config.integrated_attacks) == set(catalog.DEEPSEC_ATTACKS)
@@ -130,7 +121,7 @@ def test_experiment_configs_use_table7_settings(dataset):
 
 
 def test_cifar10_fails_clearly_without_data_and_makes_no_key(tmp_path):
-  config = _experiment_config("attractors_cifar10")
+  config = experiment_config("attractors_cifar10")
   config.data_dir = str(tmp_path / "no_tfds")
   workdir = tmp_path / "out"
   with pytest.raises(data.DatasetNotFoundError, match="cifar10"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import flax.linen as nn
@@ -11,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import repo_root
+from conftest import experiment_config
+from conftest import experiment_config_module
 
 from advtrace import training
 from advtrace._src import batching
@@ -50,14 +50,6 @@ def _config(**overrides):
   config.log_every_steps = 0
   config.update(overrides)
   return config
-
-
-def _load_config(name):
-  path = repo_root() / "experiments" / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _assert_trees_equal(a, b):
@@ -188,7 +180,7 @@ def test_improvement_rule_matches_deepsec():
 
 
 def test_deepsec_cifar10_schedule_at_epoch_boundaries():
-  config = _load_config("train_deepsec_cifar10").get_config()
+  config = experiment_config("train_deepsec_cifar10")
   spe = 1407  # ceil(45,000 / 32)
   tx, schedule = training.make_optimizer(config, spe)
   lr = lambda epoch, offset=0: float(schedule(epoch * spe + offset))
@@ -212,7 +204,7 @@ def test_schedule_floor():
 
 
 def test_sgd_matches_torch_nesterov_with_weight_decay():
-  config = _load_config("train_deepsec_mnist").get_config()
+  config = experiment_config("train_deepsec_mnist")
   tx, _ = training.make_optimizer(config, 540)
   p, g1, g2 = jnp.array([1.0, -2.0]), jnp.array([0.5, 0.25]), jnp.array([-0.1, 0.3])
   lr, m, wd = 0.05, 0.9, 1e-6
@@ -272,7 +264,7 @@ def test_bad_config_raises_clear_errors(tmp_path):
 @pytest.mark.parametrize("name", ["train_digits_small_cnn", "train_mnist_small_cnn",
                                   "train_deepsec_mnist", "train_deepsec_cifar10"])
 def test_configs_document_command_runtime_and_result(name):
-  module = _load_config(name)
+  module = experiment_config_module(name)
   doc = module.__doc__
   assert f"--config=experiments/configs/{name}.py" in doc
   assert "Expected runtime on 2 CPU cores:" in doc and "Expected result:" in doc
@@ -281,7 +273,7 @@ def test_configs_document_command_runtime_and_result(name):
 
 
 def test_train_and_evaluate_on_digits(tmp_path):
-  config = _load_config("train_digits_small_cnn").get_config()
+  config = experiment_config("train_digits_small_cnn")
   config.num_epochs = 2
   config.max_train_examples = 640
   results = training.train_and_evaluate(config, tmp_path)
