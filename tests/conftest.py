@@ -1,8 +1,8 @@
-"""Locations of the shared (read-only) test data, and the experiment configs.
+"""Locations of the shared (read-only) test data, and a loader for the experiment configs.
 
-Plain functions, importable with ``from conftest import tfds_data_dir``, and the same names as
-pytest fixtures. Each returns None when the data is absent; tests then ``pytest.skip`` with a
-reason.
+Plain functions, importable with ``from conftest import tfds_data_dir``; all but the config
+loaders are also pytest fixtures of the same names. The data locators return None when their
+data is absent, and tests then ``pytest.skip`` with a reason.
 """
 
 from __future__ import annotations
