@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from conftest import experiment_config
 from conftest import experiment_config_module
@@ -289,3 +294,46 @@ def test_train_and_evaluate_on_digits(tmp_path):
   accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))
   assert accuracy == pytest.approx(results["test_accuracy"])
   assert accuracy > 0.5  # Chance is 0.1.
+
+
+
+_SAVE_ON_SECOND_DEVICE = """
+import sys, numpy as np, jax
+sys.path[:0] = sys.argv[2:]
+import test_training as t
+x, y = t._toy_data(80)
+with jax.default_device(jax.devices()[1]):
+  t.training.fit(t._config(), sys.argv[1], t.TinyNet(), (x[:64], y[:64]), (x[64:], y[64:]))
+for kind in ("best", "latest"):
+  tree = t.training.restore_variables(f"{sys.argv[1]}/checkpoints/{kind}")
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  np.savez(f"{sys.argv[1]}/{kind}.npz", **{jax.tree_util.keystr(k): v for k, v in leaves})
+"""
+
+
+def _saved_devices(folder) -> set[str]:
+  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+    tree = handler.metadata(folder).tree
+  return {leaf.sharding.device_str for leaf in jax.tree.leaves(tree)}
+
+
+def test_checkpoint_saved_on_another_device_restores_here(tmp_path):
+  """A checkpoint written from a device this process lacks (as when a run trained on a GPU is
+  read on a CPU) restores onto this process's device, with the saved values."""
+  tests = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  proc = subprocess.run([sys.executable, "-c", _SAVE_ON_SECOND_DEVICE, str(tmp_path), tests,
+                         os.path.dirname(tests)], capture_output=True, text=True, timeout=300,
+                        env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (best,) = (tmp_path / "checkpoints" / "best").glob("*/variables")
+  assert _saved_devices(best) == {"cpu:1"}
+  for kind in ("best", "latest"):
+    tree = training.restore_variables(tmp_path / "checkpoints" / kind)
+    saved = np.load(tmp_path / f"{kind}.npz")
+    leaves = dict(jax.tree_util.tree_leaves_with_path(tree))
+    assert sorted(jax.tree_util.keystr(k) for k in leaves) == sorted(saved.files)
+    for path, leaf in leaves.items():
+      assert leaf.devices() == {jax.devices()[0]}
+      np.testing.assert_array_equal(leaf, saved[jax.tree_util.keystr(path)])

@@ -460,6 +460,19 @@ def _restore_latest(manager, like: TrainState) -> tuple[TrainState, dict] | None
   return state, dict(restored["progress"])
 
 
+def _abstract_tree_here(folder: pathlib.Path) -> Any:
+  """The shapes and dtypes of the tree saved in ``folder``, placed on this process's first device.
+
+  Without a target, orbax restores each array onto the device it was saved from, and fails when
+  that device does not exist here (a checkpoint written on a GPU, read on a CPU).
+  """
+  with _quiet_orbax(), contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+    saved = handler.metadata(folder).tree
+  here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
+                      saved)
+
+
 def _checkpoint_root(path) -> pathlib.Path:
   path = pathlib.Path(path).absolute()
   for root in (path / _CHECKPOINT_DIR, path, path.parent):
@@ -510,7 +523,8 @@ def restore_variables(path: str | os.PathLike, step: int | None = None) -> dict[
     chosen = (max(steps) if steps else None) if step is None else (step if step in steps else None)
     if chosen is not None:
       item = "variables" if kind == "best" else "state"
-      tree = _restore(manager, chosen, **{item: ocp.args.StandardRestore()})[item]
+      target = _abstract_tree_here(root / kind / str(chosen) / item)
+      tree = _restore(manager, chosen, **{item: ocp.args.StandardRestore(target)})[item]
     _close(manager)
     if chosen is not None:
       variables = {"params": tree["params"]}
