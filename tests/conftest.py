@@ -11,7 +11,13 @@ import importlib.util
 import os
 from pathlib import Path
 
+import jax
 import pytest
+
+# Tests check the algorithms at float32 precision. On a GPU, XLA's default multiplies float32
+# matrices in TF32 (10-bit mantissa), which moves results by ~1e-3; set for subprocesses too.
+os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
+jax.config.update("jax_default_matmul_precision", os.environ["JAX_DEFAULT_MATMUL_PRECISION"])
 
 
 def repo_root() -> Path:

@@ -182,8 +182,28 @@ def test_best_pair_none_admissible():
   assert not bool(found)
 
 
+def _jsma_step_temp_bytes(image_shape: tuple[int, ...], batch: int = 4) -> int | None:
+  """Scratch memory of one compiled JSMA step (chunk 64) on a linear model, or None when the
+  backend does not report it."""
+  d = int(np.prod(image_shape))
+  kw, kx = jax.random.split(jax.random.key(0))
+  w = jax.random.normal(kw, (d, 10)) / 50.0
+
+  def logits_fn(x):
+    return x.reshape(x.shape[0], -1) @ w
+
+  x = jax.random.uniform(kx, (batch, *image_shape), maxval=0.5)
+  state = jsma_lib._State(
+      x_adv=x, domain=jnp.ones((batch, d), bool), target=jnp.zeros(batch, jnp.int32),
+      theta=jnp.ones(batch), budget=jnp.full((batch,), 4, jnp.int32),
+      updates=jnp.zeros(batch, jnp.int32), active=jnp.ones(batch, bool),
+      iteration=jnp.zeros(batch, jnp.int32))
+  cfg = jsma_lib._Config("logits", 64, 0.0, 1.0)
+  stats = loop._jit_step.lower(jsma_lib._step, logits_fn, cfg, state).compile().memory_analysis()
+  return None if stats is None else stats.temp_size_in_bytes
+
+
 def test_jsma_memory_bounded_on_cifar_size():
-  # 32x32x3: the full pair map would be 4 * 3072^2 floats (144 MiB) for a batch of 4.
   kw, kx = jax.random.split(jax.random.key(0))
   w = jax.random.normal(kw, (3072, 10)) / 50.0
 
@@ -195,16 +215,11 @@ def test_jsma_memory_bounded_on_cifar_size():
   out = jsma(logits_fn, x, target, gamma=0.002, chunk_size=64)  # ceil(3.07) = 4 pair updates
   assert out.x_adv.shape == x.shape
   assert np.all(np.asarray(out.info.l0) <= 8)
-  batch, d = 4, 3072
-  state = jsma_lib._State(
-      x_adv=x, domain=jnp.ones((batch, d), bool), target=target, theta=jnp.ones(batch),
-      budget=jnp.full((batch,), 4, jnp.int32), updates=jnp.zeros(batch, jnp.int32),
-      active=jnp.ones(batch, bool), iteration=jnp.zeros(batch, jnp.int32))
-  cfg = jsma_lib._Config("logits", 64, 0.0, 1.0)
-  compiled = loop._jit_step.lower(jsma_lib._step, logits_fn, cfg, state).compile()
-  stats = compiled.memory_analysis()
-  if stats is not None:
-    assert stats.temp_size_in_bytes < batch * d * d * 4 / 16
+  # Checked at 64x64x3, where the full pair map (4 * 12288^2 floats, 2.3 GiB) dwarfs a backend's
+  # fixed scratch (a GPU's 32 MiB cuBLAS workspace); chunking keeps the step near 4 * 12288 * 64.
+  temp = _jsma_step_temp_bytes((64, 64, 3))
+  if temp is not None:
+    assert temp < 4 * 12288**2 * 4 / 16
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -231,7 +246,9 @@ def _double(x):
 
 def test_quantize_values():
   x = jnp.array([0.0, 0.1, 0.5, 1.0, 0.0021])
-  np.testing.assert_allclose(np.asarray(quantize(x)), np.round(np.asarray(x) * 255) / 255)
+  # rtol: a GPU divides by 255 as a multiplication by 1/255, one float32 ulp off.
+  np.testing.assert_allclose(np.asarray(quantize(x)), np.round(np.asarray(x) * 255) / 255,
+                             rtol=1e-6)
   np.testing.assert_allclose(np.asarray(quantize(x, levels=2)), [0, 0, 0, 1, 0])
   np.testing.assert_array_equal(np.asarray(quantize(quantize(x))), np.asarray(quantize(x)))
 
