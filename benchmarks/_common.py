@@ -132,6 +132,7 @@ def machine_info() -> dict[str, Any]:
       "python": platform.python_version(),
       "jax": jax.__version__,
       "jax_backend": jax.default_backend(),
+      "jax_device": jax.devices()[0].device_kind,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
   }
@@ -188,8 +189,10 @@ def machine_lines(info: dict[str, Any], label: str) -> str:
           f"- Date: {info['date']}\n"
           f"- Machine: {info['cpu']}, {info['cores_usable']} usable of {info['cores_total']} "
           f"cores, load average {info['loadavg_1_5_15']} at start\n"
-          f"- Software: Python {info['python']}, jax {info['jax']} ({info['jax_backend']})"
-          + (f", torch {info['torch']}, torchattacks {info['torchattacks']}"
+          + (f"- Accelerator: {info['jax_device']}\n" if info["jax_backend"] != "cpu" else "")
+          + f"- Software: Python {info['python']}, jax {info['jax']} ({info['jax_backend']})"
+          + (f", torch {info['torch']} ({info.get('torch_device', 'cpu')}), torchattacks "
+             f"{info['torchattacks']}"
              if "torch" in info else "")
           + (f", XLA_FLAGS={info['xla_flags']!r}" if info["xla_flags"] else "")
           + (f", OMP_WAIT_POLICY={info['omp_wait_policy']}" if info["omp_wait_policy"] else ""))

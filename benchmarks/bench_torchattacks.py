@@ -1,6 +1,7 @@
 r"""advtrace vs torchattacks on the DEEPSEC MNIST CNN: throughput, compile time and sanity ASR.
 
-Both libraries run in this one process, on CPU, on the same released weights
+Both libraries run in this one process, on the same device (CPU; or a GPU: JAX's default
+backend and ``--torch_device=cuda``), on the same released weights
 (``MNIST_raw.pt``: ``advtrace.models.load_deepsec`` and ``torch.load(weights_only=True)``), the
 same images (the first ``--num_images`` correctly classified MNIST test images) and the same
 padded batches of ``--batch_size``. For every attack the first batch is timed alone (JAX compile,
@@ -58,6 +59,9 @@ _NUM_IMAGES = flags.DEFINE_integer("num_images", 1000, "Correctly classified tes
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 100, "Batch size, equal for both libraries.")
 _ATTACKS = flags.DEFINE_list("attacks", list(ATTACKS), f"Subset of {', '.join(ATTACKS)}.")
 _TORCH_THREADS = flags.DEFINE_integer("torch_threads", 2, "torch.set_num_threads.")
+_TORCH_DEVICE = flags.DEFINE_enum("torch_device", "cpu", ["cpu", "cuda"],
+                                  "Where torch runs. advtrace runs on JAX's default backend, so "
+                                  "use cuda when JAX has a GPU (the side-by-side GPU numbers).")
 _REPEATS = flags.DEFINE_integer("repeats", 1, "Steady-state passes per attack (median taken).")
 _LOOP_MODE = flags.DEFINE_enum("loop_mode", "auto", ["auto", "host", "fused"],
                                "advtrace loop driver.")
@@ -160,6 +164,21 @@ def _unpad(outs: list[tuple[np.ndarray, ...]], batches) -> tuple[np.ndarray, ...
                for i in range(len(outs[0])))
 
 
+def _to_torch(array: np.ndarray):
+  """``array`` as a torch tensor on ``--torch_device``."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  return torch.from_numpy(np.ascontiguousarray(array)).to(_TORCH_DEVICE.value)
+
+
+def _torch_sync():
+  """Waits for queued GPU work, so that a timer stopped after it counts that work."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  if _TORCH_DEVICE.value == "cuda":
+    torch.cuda.synchronize()
+
+
 def run_attack(name: str, logits_fn, torch_model, counting, batches, keys) -> dict[str, Any]:
   """Times one attack in both libraries over the same batches."""
   import _torch_deepsec  # pylint: disable=g-import-not-at-top
@@ -185,8 +204,8 @@ def run_attack(name: str, logits_fn, torch_model, counting, batches, keys) -> di
   victim = _torch_deepsec.PositiveLogits(counting) if name == "cw" else counting
   tatk = _torch_attack(name, victim)
   torch.manual_seed(_SEED.value)
-  torch_batches = {id(b): (torch.from_numpy(np.ascontiguousarray(b.x.transpose(0, 3, 1, 2))),
-                           torch.from_numpy(b.y.astype(np.int64))) for b in batches}
+  torch_batches = {id(b): (_to_torch(b.x.transpose(0, 3, 1, 2)), _to_torch(b.y.astype(np.int64)))
+                   for b in batches}
   rows = []
 
   def run_torch(b):
@@ -194,7 +213,7 @@ def run_attack(name: str, logits_fn, torch_model, counting, batches, keys) -> di
     counting.reset()
     x_adv = tatk(xb, yb)
     rows.append(counting.rows / len(xb))
-    return (x_adv.detach().numpy().transpose(0, 2, 3, 1),)
+    return (x_adv.detach().cpu().numpy().transpose(0, 2, 3, 1),)  # .cpu() waits for the GPU
 
   logging.info("%s: torchattacks", name)
   t_torch, outs_torch = _common.time_batches(run_torch, batches, _REPEATS.value)
@@ -204,8 +223,8 @@ def run_attack(name: str, logits_fn, torch_model, counting, batches, keys) -> di
   xa, sa, qa = _unpad(outs_adv, batches)
   (xt,) = _unpad(outs_torch, batches)
   with torch.no_grad():
-    pred_t = torch_model(torch.from_numpy(np.ascontiguousarray(xt.transpose(0, 3, 1, 2))))
-  st = pred_t.argmax(1).numpy() != y
+    pred_t = torch_model(_to_torch(xt.transpose(0, 3, 1, 2)))
+  st = pred_t.argmax(1).cpu().numpy() != y
   return {
       "attack": name,
       "settings": _settings(name),
@@ -266,17 +285,21 @@ def grad_microbench(logits_fn, torch_model, batch) -> dict[str, Any]:
   fns = {k: functools.partial(lambda c: c(xj, yj).block_until_ready(), c)
          for k, c in compiled.items() if c is not None}
   fns["jax forward (as shipped)"] = lambda: fwd(xj).block_until_ready()
-  xt = torch.from_numpy(np.ascontiguousarray(batch.x.transpose(0, 3, 1, 2)))
-  yt = torch.from_numpy(batch.y.astype(np.int64))
+  xt = _to_torch(batch.x.transpose(0, 3, 1, 2))
+  yt = _to_torch(batch.y.astype(np.int64))
   ce = torch.nn.CrossEntropyLoss(reduction="sum")
 
   def torch_grad():
     a = xt.clone().requires_grad_(True)
-    return torch.autograd.grad(ce(torch_model(a), yt), a)[0]
+    grad = torch.autograd.grad(ce(torch_model(a), yt), a)[0]
+    _torch_sync()
+    return grad
 
   def torch_fwd():
     with torch.no_grad():
-      return torch_model(xt)
+      logits = torch_model(xt)
+    _torch_sync()
+    return logits
 
   fns["torch autograd"] = torch_grad
   fns["torch forward"] = torch_fwd
@@ -311,7 +334,9 @@ def _markdown(info, results, grad, n_images, accuracy) -> str:
                  a["timing"]["compile_s"], t["timing"]["first_batch_s"],
                  f"{a['asr']:.1%}", f"{t['asr']:.1%}", a["mean_l2_success"],
                  t["mean_l2_success"], a["work_per_image"], t["work_per_image"]])
-  title = "advtrace vs torchattacks, DEEPSEC MNIST CNN, CPU"
+  title = ("advtrace vs torchattacks, DEEPSEC MNIST CNN, "
+           + ("CPU" if _TORCH_DEVICE.value == "cpu" == jax.default_backend()
+              else f"advtrace on {jax.default_backend()}, torch on {_TORCH_DEVICE.value}"))
   text = [f"## {title} ({_LABEL.value})", ""]
   if not _LABEL.value.startswith("full run"):
     text += [f"> **{_LABEL.value}: not a full run of advtrace as shipped** (reduced sizes, a "
@@ -349,16 +374,20 @@ def main(argv):
   torch.set_num_threads(_TORCH_THREADS.value)
   info = _common.machine_info()
   info.update(torch=torch.__version__, torchattacks=torchattacks.__version__,
-              torch_threads=torch.get_num_threads())
+              torch_threads=torch.get_num_threads(), torch_device=_TORCH_DEVICE.value)
+  if _TORCH_DEVICE.value == "cuda":
+    if not torch.cuda.is_available():
+      raise app.UsageError("--torch_device=cuda, but torch sees no CUDA device.")
+    info["torch_gpu"] = torch.cuda.get_device_name()
   logging.info("machine: %s", info)
 
   logits_fn = _common.load_victim(_WEIGHTS.value)
-  torch_model = _torch_deepsec.load_mnist_raw(_WEIGHTS.value)
+  torch_model = _torch_deepsec.load_mnist_raw(_WEIGHTS.value).to(_TORCH_DEVICE.value)
   counting = _torch_deepsec.CountingModel(torch_model).eval()
   x, y, accuracy = _common.first_correct(logits_fn, _DATA_DIR.value, _NUM_IMAGES.value)
   with torch.no_grad():
-    tpred = torch_model(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
-  agree = float((tpred.argmax(1).numpy() == y).mean())
+    tpred = torch_model(_to_torch(x.transpose(0, 3, 1, 2)))
+  agree = float((tpred.argmax(1).cpu().numpy() == y).mean())
   if agree < 1.0:
     logging.warning("torch model classifies %.2f%% of the selected images correctly", 100 * agree)
   batches = _common.make_batches(x, y, _BATCH_SIZE.value)

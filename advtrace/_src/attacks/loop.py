@@ -19,8 +19,10 @@ the loop either
 
 ``"auto"`` picks host on CPU and fused elsewhere. On 2 CPU cores the host loop ran PGD and CW
 on the DEEPSEC MNIST CNN at about 40 ms per step against 320 ms fused: inside the compiled
-``while`` body XLA:CPU keeps a slow kernel layout for the input-gradient convolutions
-(``benchmarks/loop_modes.py``, ``docs/results/benchmarks.md``).
+``while`` body XLA:CPU keeps a slow kernel layout for the input-gradient convolutions. On an
+H100 the fused loop ran PGD at 0.72 ms per step against 1.21 ms host-stepped, and CW at 0.40 ms
+against 1.21 ms, with identical outputs (``benchmarks/loop_modes.py``,
+``docs/results/benchmarks.md``).
 
 Jitted functions are cached on ``(step_fn, logits_fn, cfg)`` and the state's shapes, so a second
 batch of the same shape never retraces. Pass the *same* ``logits_fn`` object to reuse compiles.
