@@ -1,7 +1,9 @@
 """End-to-end test of the injected-attractors experiment on a slice of MNIST (DEEPSEC CNN)."""
 
+import concurrent.futures
 import os
 import stat
+import threading
 
 import numpy as np
 import pytest
@@ -128,3 +130,20 @@ def test_cifar10_fails_clearly_without_data_and_makes_no_key(tmp_path):
     experiment.run(config, workdir)
   assert not os.path.exists(experiment.default_key_path(str(workdir)))
   assert not workdir.exists()
+
+
+def test_runs_started_together_create_one_key(tmp_path):
+  """Two runs on one workdir (one per core, as documented) must not each create a key: the
+  second's would overwrite the first's on disk while the first goes on attacking with its own."""
+  path = str(tmp_path / "run.secret" / "key.npz")
+  cfg = qim.QIMConfig()
+  start = threading.Barrier(4)
+
+  def load_or_create(_):
+    start.wait()
+    return experiment._load_or_create_key(path, None, 3, (4, 4, 1), cfg).fingerprint()
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    fingerprints = set(pool.map(load_or_create, range(4)))
+  assert fingerprints == {qim.load_secret_key(path).fingerprint()}
+  assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700

@@ -173,19 +173,22 @@ def default_key_path(workdir: str) -> str:
 
 def _load_or_create_key(path: str, seed: int | None, num_messages: int, shape,
                         cfg: qim.QIMConfig) -> qim.SecretKey:
-  if os.path.exists(path):
-    secret = qim.load_secret_key(path)
-    expected = (num_messages, len(cfg.steps)) + tuple(shape)
-    if secret.messages.shape != expected:
-      raise ValueError(f"The key in {path} has shape {secret.messages.shape}, this experiment "
-                       f"needs {expected} (classes, step sizes, image shape); use another "
-                       "key_path.")
-    return secret
-  os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-  seed = secrets.randbits(63) if seed is None else int(seed)
-  secret = qim.new_secret_key(jax.random.key(seed), num_messages, tuple(shape), cfg)
-  qim.save_secret_key(path, secret)
-  logging.info("Created a QIM key (fingerprint %s) at %s.", secret.fingerprint(), path)
+  """The key at ``path``, created first if missing. Creation holds the folder's lock, so runs
+  started together on one workdir create one key and all use it."""
+  folder = os.path.dirname(path)
+  os.makedirs(folder, mode=0o700, exist_ok=True)
+  with atomic.workdir_lock(folder):
+    if not os.path.exists(path):
+      seed = secrets.randbits(63) if seed is None else int(seed)
+      created = qim.new_secret_key(jax.random.key(seed), num_messages, tuple(shape), cfg)
+      qim.save_secret_key(path, created)
+      logging.info("Created a QIM key (fingerprint %s) at %s.", created.fingerprint(), path)
+  secret = qim.load_secret_key(path)
+  expected = (num_messages, len(cfg.steps)) + tuple(shape)
+  if secret.messages.shape != expected:
+    raise ValueError(f"The key in {path} has shape {secret.messages.shape}, this experiment "
+                     f"needs {expected} (classes, step sizes, image shape); use another "
+                     "key_path.")
   return secret
 
 
