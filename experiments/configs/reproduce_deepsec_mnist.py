@@ -14,10 +14,10 @@ early abort), measured ~200 s per example on one pinned core with ``--config.bat
 ~11 core-hours for 200 (each example is already 20 model inputs, so on a CPU a larger batch
 gains nothing: ``benchmarks/gathering.py``); ``deepsec_code_mnist`` (no early abort) takes
 longer for CW2/EAD/OM too. UAP makes up to 20 passes until the fooling rate reaches 30%. A
-GPU (``loop_mode`` "auto" then fuses the loops) cuts all of this by orders of magnitude; on
-CPU, run the costly attacks last or apart
-(``--config.attacks="('om',)"``): every finished attack is kept. On 2 cores, two such runs side
-by side, each pinned to one core with one XLA thread
+GPU (``loop_mode`` "auto" then fuses the loops) cuts all of this by orders of magnitude (OM's
+200 took 294 s on one H100 with ``--config.batch_size=100``, 2026-11-23); on CPU, run the
+costly attacks last or apart (``--config.attacks="('om',)"``): every finished attack is kept.
+On 2 cores, two such runs side by side, each pinned to one core with one XLA thread
 (``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0
 ...``), did 1.2-1.3x the work of one run on both cores (``benchmarks/parallel_streams.py``);
 the same command started twice that way shares one attack's batches between the two runs.
