@@ -457,6 +457,19 @@ def test_reproduce_configs():
   assert experiment_config("attack_default").attack == "fgsm"
 
 
+def test_per_attack_batch_size_overrides_the_shared_one():
+  for name in ("reproduce_deepsec_mnist", "attractors_mnist"):
+    config = experiment_config(name)
+    config.batch_size = 50
+    assert runner.attack_config(config, "om").batch_size == 1  # the MNIST configs' CPU choice
+    assert runner.attack_config(config, "cw2").batch_size == 50
+    config.batch_sizes.om = None
+    config.batch_sizes.cw2 = 25
+    assert runner.attack_config(config, "om").batch_size == 50
+    assert runner.attack_config(config, "cw2").batch_size == 25
+    assert runner.attack_config(config, "hsj").batch_size == 50  # not one of the 18
+
+
 def test_reproduce_cifar10_fails_clearly_without_data(tmp_path):
   config = experiment_config("reproduce_deepsec_cifar10")
   config.data_dir = str(tmp_path / "no_tfds")

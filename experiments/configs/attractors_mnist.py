@@ -27,9 +27,9 @@ EAD (200; 81.0% detected: at c = 100 its large unstructured perturbations overpo
 OM's noisy copies blur W's step-3 lattice). Integrated setting (Table V): 10 of the 18 attacks
 succeed on M_(d,r) for more than 80% of their examples (e.g. FGSM 99.6%, OM 98.5%; paper 0.7%
 and 17.5%). On one core, on M, CW2 took 1.8 h for its 200 examples, EAD 1 h, UAP 8 minutes,
-OM 8.4 h with ``--config.batch_size=1`` (~150 s per example); OM on M_(d,r) costs about as
-much. On an H100, OM on C took 294 s for its 200 (batches of 100; ``loop_mode`` "auto" fuses
-the loops there).
+OM 8.4 h at batch 1 (``batch_sizes.om``, ~150 s per example); OM on M_(d,r) costs about as
+much. On an H100, OM on C took 294 s for its 200 (``--config.batch_sizes.om=100``; ``loop_mode``
+"auto" fuses the loops there).
 """
 
 from advtrace._src import attractor_experiment
@@ -44,4 +44,5 @@ def get_config():
   config.dataset = "mnist"
   config.paper_column = "mnist"
   config.n_examples.update(reproduce_deepsec_mnist.N_EXAMPLES)
+  config.batch_sizes.update(reproduce_deepsec_mnist.BATCH_SIZES)
   return config

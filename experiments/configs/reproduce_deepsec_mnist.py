@@ -10,12 +10,12 @@ on): the 11 gradient attacks (FGSM ... TMIFGSM, DeepFool, BPDA) 3 minutes togeth
 minute of loading and compiling), JSMA 3 minutes, SPSA 6 minutes (it stops an example once it is
 adversarial), BLB 5 minutes, UAP 25 minutes (5 passes), CW2 ~1.3 h and EAD ~1.9 h (on one core).
 OM is the long one: 20 noisy copies per step, 4 rounds of 2,000-3,000 Adam steps each (with
-early abort), measured ~200 s per example on one pinned core with ``--config.batch_size=1``, so
+early abort), measured ~200 s per example on one pinned core at batch 1 (``BATCH_SIZES``), so
 ~11 core-hours for 200 (each example is already 20 model inputs, so on a CPU a larger batch
 gains nothing: ``benchmarks/gathering.py``); ``deepsec_code_mnist`` (no early abort) takes
 longer for CW2/EAD/OM too. UAP makes up to 20 passes until the fooling rate reaches 30%. A
 GPU (``loop_mode`` "auto" then fuses the loops) cuts all of this by orders of magnitude (OM's
-200 took 294 s on one H100 with ``--config.batch_size=100``, 2026-11-23); on CPU, run the
+200 took 294 s on one H100 with ``--config.batch_sizes.om=100``, 2026-11-23); on CPU, run the
 costly attacks last or apart (``--config.attacks="('om',)"``): every finished attack is kept.
 On 2 cores, two such runs side by side, each pinned to one core with one XLA thread
 (``XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" taskset -c 0
@@ -49,6 +49,11 @@ N_EXAMPLES = {
     "illc": 1000, "tmifgsm": 1000, "jsma": 500, "blb": 200, "cw2": 200, "ead": 200,
 }
 
+# On a CPU one OptMargin example is already 20 model inputs, so a larger batch only adds
+# finished examples to each step (``benchmarks/gathering.py``). On a GPU pass
+# ``--config.batch_sizes.om=100``.
+BATCH_SIZES = {"om": 1}
+
 
 def get_config():
   config = runner.default_reproduce_config()
@@ -59,4 +64,5 @@ def get_config():
   config.dataset = "mnist"
   config.paper_column = "mnist"
   config.n_examples.update(N_EXAMPLES)
+  config.batch_sizes.update(BATCH_SIZES)
   return config

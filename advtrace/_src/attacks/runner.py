@@ -142,6 +142,9 @@ def default_reproduce_config() -> ml_collections.ConfigDict:
   attacks: the catalogue names to run, in order (default: seed-003's 18).
   attack_kwargs: as in :func:`default_config`, applied to every attack.
   n_examples: a ConfigDict ``{attack: count}``; attacks not listed use ``default_n_examples``.
+  batch_sizes: a ConfigDict ``{attack: batch size or None}``; None (the default) uses
+    ``batch_size``. E.g. ``--config.batch_sizes.om=1``: on a CPU one OptMargin example is
+    already 20 model inputs, and a larger batch only adds finished examples to each step.
   fallback_settings: a table for attacks the main table lacks (e.g. BPDA/SPSA under
     ``deepsec_code_*``: ``'table8'``); empty for none.
   paper_column: ``'mnist'`` or ``'cifar10'`` (seed-003 Table I column c or h), or empty.
@@ -153,6 +156,8 @@ def default_reproduce_config() -> ml_collections.ConfigDict:
   config.attacks = catalog.DEEPSEC_ATTACKS
   config.default_n_examples = 1000
   config.n_examples = ml_collections.ConfigDict({name: 1000 for name in catalog.DEEPSEC_ATTACKS})
+  config.batch_sizes = ml_collections.ConfigDict(
+      {name: ml_collections.config_dict.placeholder(int) for name in catalog.DEEPSEC_ATTACKS})
   config.fallback_settings = ""
   config.paper_column = "mnist"
   config.continue_on_error = False
@@ -758,6 +763,9 @@ def attack_config(config: ml_collections.ConfigDict, attack: str) -> ml_collecti
   sub.attack = attack
   counts = config.n_examples
   sub.n_examples = int(counts[attack]) if attack in counts else int(config.default_n_examples)
+  batch_size = config.batch_sizes.get(attack)
+  if batch_size is not None:
+    sub.batch_size = int(batch_size)
   return sub
 
 
