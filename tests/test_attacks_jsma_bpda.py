@@ -182,17 +182,22 @@ def test_best_pair_none_admissible():
   assert not bool(found)
 
 
-def _jsma_step_temp_bytes(image_shape: tuple[int, ...], batch: int = 4) -> int | None:
-  """Scratch memory of one compiled JSMA step (chunk 64) on a linear model, or None when the
-  backend does not report it."""
-  d = int(np.prod(image_shape))
+def _linear_model(image_shape: tuple[int, ...], batch: int = 4):
+  """A random linear 10-class model and a batch of images in [0, 0.5]."""
   kw, kx = jax.random.split(jax.random.key(0))
-  w = jax.random.normal(kw, (d, 10)) / 50.0
+  w = jax.random.normal(kw, (int(np.prod(image_shape)), 10)) / 50.0
 
   def logits_fn(x):
     return x.reshape(x.shape[0], -1) @ w
 
-  x = jax.random.uniform(kx, (batch, *image_shape), maxval=0.5)
+  return logits_fn, jax.random.uniform(kx, (batch, *image_shape), maxval=0.5)
+
+
+def _jsma_step_temp_bytes(image_shape: tuple[int, ...], batch: int = 4) -> int | None:
+  """Scratch memory of one compiled JSMA step (chunk 64) on a linear model, or None when the
+  backend does not report it."""
+  d = int(np.prod(image_shape))
+  logits_fn, x = _linear_model(image_shape, batch)
   state = jsma_lib._State(
       x_adv=x, domain=jnp.ones((batch, d), bool), target=jnp.zeros(batch, jnp.int32),
       theta=jnp.ones(batch), budget=jnp.full((batch,), 4, jnp.int32),
@@ -204,13 +209,7 @@ def _jsma_step_temp_bytes(image_shape: tuple[int, ...], batch: int = 4) -> int |
 
 
 def test_jsma_memory_bounded_on_cifar_size():
-  kw, kx = jax.random.split(jax.random.key(0))
-  w = jax.random.normal(kw, (3072, 10)) / 50.0
-
-  def logits_fn(x):
-    return x.reshape(x.shape[0], -1) @ w
-
-  x = jax.random.uniform(kx, (4, 32, 32, 3), maxval=0.5)
+  logits_fn, x = _linear_model((32, 32, 3))
   target = (jnp.argmax(logits_fn(x), -1) + 1) % 10
   out = jsma(logits_fn, x, target, gamma=0.002, chunk_size=64)  # ceil(3.07) = 4 pair updates
   assert out.x_adv.shape == x.shape

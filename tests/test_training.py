@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -13,7 +12,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from conftest import experiment_config
 from conftest import experiment_config_module
@@ -296,7 +294,6 @@ def test_train_and_evaluate_on_digits(tmp_path):
   assert accuracy > 0.5  # Chance is 0.1.
 
 
-
 _SAVE_ON_SECOND_DEVICE = """
 import sys, numpy as np, jax
 sys.path[:0] = sys.argv[2:]
@@ -311,12 +308,6 @@ for kind in ("best", "latest"):
 """
 
 
-def _saved_devices(folder) -> set[str]:
-  with contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
-    tree = handler.metadata(folder).tree
-  return {leaf.sharding.device_str for leaf in jax.tree.leaves(tree)}
-
-
 def test_checkpoint_saved_on_another_device_restores_here(tmp_path):
   """A checkpoint written from a device this process lacks (as when a run trained on a GPU is
   read on a CPU) restores onto this process's device, with the saved values."""
@@ -328,7 +319,8 @@ def test_checkpoint_saved_on_another_device_restores_here(tmp_path):
                         env=env)
   assert proc.returncode == 0, proc.stderr[-3000:]
   (best,) = (tmp_path / "checkpoints" / "best").glob("*/variables")
-  assert _saved_devices(best) == {"cpu:1"}
+  saved_on = training_lib._saved_tree_metadata(best)
+  assert {leaf.sharding.device_str for leaf in jax.tree.leaves(saved_on)} == {"cpu:1"}
   for kind in ("best", "latest"):
     tree = training.restore_variables(tmp_path / "checkpoints" / kind)
     saved = np.load(tmp_path / f"{kind}.npz")

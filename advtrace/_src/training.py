@@ -460,17 +460,21 @@ def _restore_latest(manager, like: TrainState) -> tuple[TrainState, dict] | None
   return state, dict(restored["progress"])
 
 
+def _saved_tree_metadata(folder: pathlib.Path) -> Any:
+  """The orbax metadata (shape, dtype, saved sharding) of each array saved in ``folder``."""
+  with _quiet_orbax(), contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
+    return handler.metadata(folder).tree
+
+
 def _abstract_tree_here(folder: pathlib.Path) -> Any:
   """The shapes and dtypes of the tree saved in ``folder``, placed on this process's first device.
 
   Without a target, orbax restores each array onto the device it was saved from, and fails when
   that device does not exist here (a checkpoint written on a GPU, read on a CPU).
   """
-  with _quiet_orbax(), contextlib.closing(ocp.StandardCheckpointHandler()) as handler:
-    saved = handler.metadata(folder).tree
   here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   return jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=here),
-                      saved)
+                      _saved_tree_metadata(folder))
 
 
 def _checkpoint_root(path) -> pathlib.Path:
